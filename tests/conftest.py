@@ -1,0 +1,24 @@
+"""Test-wide setup: 8 emulated CPU devices and strict rank promotion.
+
+The device count must be fixed before jax is imported, so this happens at import time of the
+conftest, which pytest loads before any test module.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import chex  # noqa: E402
+import pytest  # noqa: E402
+
+# Catch silent broadcasting bugs like (B,) + (B, 1) -> (B, B) (equinox's tests do the same).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def _clear_trace_counter():
+    chex.clear_trace_counter()
+    yield

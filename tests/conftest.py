@@ -22,3 +22,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def _clear_trace_counter():
     chex.clear_trace_counter()
     yield
+
+# Many tests build the same small programs from fresh closures; jax's persistent compilation
+# cache recognises identical programs across tests (and across runs on a warm machine).
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAXVISION_TEST_JIT_CACHE", "/tmp/jaxvision-test-jit-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

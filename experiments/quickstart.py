@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from jaxvision import config as config_lib
+from jaxvision import distributed
 from jaxvision import loop, losses, optim, plots, train
 from jaxvision.nets.convnet import ConvNet
 from jaxvision.pipelines import augment, sources
@@ -111,4 +112,5 @@ def main(config: ml_collections.ConfigDict) -> dict:
 
 
 if __name__ == "__main__":
+    distributed.initialize_from_env()  # several hosts: see jaxvision/distributed.py
     main(config_lib.parse_args(sys.argv[1:], get_config, smoke_config))

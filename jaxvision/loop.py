@@ -109,7 +109,8 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
                     last_eval = evaluate(state)
                     writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
                     _print(is_main, f"step {step}: " + ", ".join(
-                        f"eval/{k}={v:.4f}" for k, v in last_eval.items()))
+                        f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
+                        for k, v in last_eval.items()))
                     meter.restart_clock()  # evaluation time is not training throughput
                 if final or preempted.is_set() or (ckpt_every and step % ckpt_every == 0):
                     meter.check()  # a non-finite step raises here, before anything is saved

@@ -111,6 +111,10 @@ def main(config: ml_collections.ConfigDict) -> dict:
     config = config_lib.validate(config)  # before any data is read or anything is compiled
     config_lib.check_choice(config, "loader", ("device", "host"))
     config_lib.check_choice(config, "compute_dtype", ("float32", "bfloat16", "float16"))
+    if not 0 <= config.warmup_epochs < config.epochs:
+        raise config_lib.ConfigError(
+            f"config key 'warmup_epochs' must be in [0, epochs={config.epochs}), "
+            f"got {config.warmup_epochs}")
     mesh = make_mesh()
     train_src, test_src = load_data(config)
     if config.loader == "device":

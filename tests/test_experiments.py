@@ -87,3 +87,51 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     step_b, state_b, data_b = load_latest(str(killed_dir / "checkpoints"))
     assert step_a == step_b == 240 and data_a == data_b
     chex.assert_trees_all_equal(state_a, state_b)  # every leaf, bitwise
+
+
+def _cifar_smoke(tmp_path, name, **overrides):
+    from experiments import cifar10_convnet
+
+    config = cifar10_convnet.smoke_config()
+    config.workdir = str(tmp_path / name)
+    config.epochs = 2
+    for key, value in overrides.items():
+        config[key] = value
+    return cifar10_convnet.main(config)
+
+
+def test_cifar10_host_loader_trains_exactly_like_the_device_loader(tmp_path, monkeypatch):
+    """The two loaders share one batch plan: same batches, so the same parameters, bitwise."""
+    monkeypatch.setenv("JAXVISION_CACHE", str(tmp_path / "cache"))
+    _cifar_smoke(tmp_path, "device", loader="device")
+    _cifar_smoke(tmp_path, "host", loader="host")
+    _, device_state, _ = load_latest(str(tmp_path / "device" / "checkpoints"))
+    _, host_state, _ = load_latest(str(tmp_path / "host" / "checkpoints"))
+    chex.assert_trees_all_equal(device_state, host_state)
+
+
+def test_cifar10_from_a_tfds_name(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=48):
+        summary = _cifar_smoke(tmp_path, "tfds", data="tfds:cifar10", max_per_class=0)
+    assert summary["eval"]["count"] == 48
+
+
+def test_tensorboard_option_writes_event_files(tmp_path):
+    from experiments import quickstart
+
+    config = quickstart.smoke_config()
+    config.workdir = str(tmp_path / "tb")
+    config.tensorboard = True
+    quickstart.main(config)
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_whole_run_never_imports_tensorflow(tmp_path):
+    code = ("import sys; from experiments import quickstart as q; c = q.smoke_config(); "
+            f"c.workdir = {str(tmp_path / 'run')!r}; q.main(c); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; print('no tf')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "no tf" in out.stdout, out.stderr[-2000:]

@@ -52,7 +52,7 @@ def launch(workdir, cache):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAXVISION_CACHE=str(cache), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "experiments.cifar10_convnet", "--smoke",
-           f"--config.workdir={workdir}", "--config.epochs=40", "--config.ckpt_every=5",
+           f"--config.workdir={workdir}", "--config.epochs=80", "--config.ckpt_every=5",
            "--config.log_every=1", "--config.eval_every=0", "--config.widths=(16, 32)"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -85,7 +85,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     assert "resumed from" in out
     step_a, state_a, data_a = load_latest(str(tmp_path / "straight" / "checkpoints"))
     step_b, state_b, data_b = load_latest(str(killed_dir / "checkpoints"))
-    assert step_a == step_b == 240 and data_a == data_b
+    assert step_a == step_b == 480 and data_a == data_b
     chex.assert_trees_all_equal(state_a, state_b)  # every leaf, bitwise
 
 

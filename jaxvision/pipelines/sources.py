@@ -13,7 +13,7 @@ Sources:
   form the on-device loader puts on the accelerator in one transfer.
 - `digits`: scikit-learn's bundled 8x8 handwritten digits, the data set that needs no download.
 - `image_folder`: a `SPLIT/CLASS/*.{jpg,jpeg,png}` tree, as a directory or a tar archive
-  (`/work/shared/data/cifar10-jpeg.tar.xz` is one), decoded once with Pillow and cached as `.npz`.
+  (the shared `cifar10-jpeg.tar.xz` is one), decoded once with Pillow and cached as `.npz`.
 - `tfds_source`: a tfds data set prepared as array_record, read without TensorFlow.
 - `load`: one entry point for an experiment's `data` string ("digits", "tfds:NAME" or a path).
 - `as_arrays`: any source read into an ArraySource, for the on-device loader.

@@ -28,3 +28,19 @@ def _clear_trace_counter():
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("JAXVISION_TEST_JIT_CACHE", "/tmp/jaxvision-test-jit-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temp_files_under_pytest(tmp_path_factory):
+    """Libraries' own temp dirs (tfds's mock_data leaves empty ones) go under pytest's tmp."""
+    import tempfile
+
+    previous = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    os.environ["TMPDIR"] = tempfile.tempdir  # and subprocesses' too
+    yield
+    tempfile.tempdir = previous[0]
+    if previous[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous[1]

@@ -5,8 +5,10 @@
     python -m experiments.cifar10_convnet --config.data=/data/my_cifar_folder --config.loader=host
 
 Expected on one H100 (not yet measured here: see README, "Experiments"): >= 80% test accuracy
-after 30 epochs in a few minutes. On CPU (2 cores) one epoch of the full net takes ~10 minutes:
-use `--smoke` (seconds) or shrink `widths`/`epochs` to try it.
+after 30 epochs in a few minutes. On CPU (2 cores) the full net trains at ~70 images/s (~12
+minutes an epoch): use `--smoke` (seconds) or a smaller net to try it, e.g.
+`--config.widths='(16, 32, 64)' --config.convs_per_block=1 --config.epochs=2
+--config.warmup_epochs=1`: 61.3% in 93 s on 2 CPU cores (~1,400 images/s).
 
 Data: `data` is "tfds:NAME" (prepared array_record data under `data_dir`), or a path to an image
 folder or a .tar/.tar.gz/.tar.xz archive of `SPLIT/CLASS/*.jpg` (default: the shared CIFAR-10
@@ -19,7 +21,6 @@ class, a tiny net, 16 steps, checkpoints every 4.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -28,7 +29,6 @@ import ml_collections
 import numpy as np
 
 from jaxvision import config as config_lib
-from jaxvision import distributed
 from jaxvision import loop, losses, optim, plots, train
 from jaxvision.nets.convnet import ConvNet
 from jaxvision.pipelines import augment, sources
@@ -176,5 +176,4 @@ def main(config: ml_collections.ConfigDict) -> dict:
 
 
 if __name__ == "__main__":
-    distributed.initialize_from_env()  # several hosts: see jaxvision/distributed.py
-    main(config_lib.parse_args(sys.argv[1:], get_config, smoke_config))
+    config_lib.cli(main, get_config, smoke_config)

@@ -12,14 +12,12 @@ Smoke setting (run by the tests): `python -m experiments.quickstart --smoke`.
 """
 from __future__ import annotations
 
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 
 from jaxvision import config as config_lib
-from jaxvision import distributed
 from jaxvision import loop, losses, optim, plots, train
 from jaxvision.nets.convnet import ConvNet
 from jaxvision.pipelines import augment, sources
@@ -112,5 +110,4 @@ def main(config: ml_collections.ConfigDict) -> dict:
 
 
 if __name__ == "__main__":
-    distributed.initialize_from_env()  # several hosts: see jaxvision/distributed.py
-    main(config_lib.parse_args(sys.argv[1:], get_config, smoke_config))
+    config_lib.cli(main, get_config, smoke_config)

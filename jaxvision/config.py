@@ -252,3 +252,25 @@ def check_choice(config: ml_collections.ConfigDict, key: str, choices: Sequence[
     if value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, "
                           f"got {value!r}")
+
+
+def cli(main: Callable[[ml_collections.ConfigDict], Any],
+        get_config: Callable[[], ml_collections.ConfigDict],
+        smoke_config: Callable[[], ml_collections.ConfigDict] | None = None,
+        argv: Sequence[str] | None = None) -> Any:
+    """An experiment's `__main__`: join several hosts if asked, parse, run `main(config)`.
+
+    A bad key or value prints `error: ...` (naming the key) and exits with status 2, like any
+    command-line tool, instead of a traceback.
+    """
+    import sys
+
+    from jaxvision import distributed
+
+    distributed.initialize_from_env()  # several hosts: see jaxvision/distributed.py
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv, get_config, smoke_config)
+        return main(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

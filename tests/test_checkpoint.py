@@ -1,5 +1,8 @@
 """Checkpoints: round trip, interrupted-then-resumed equals uninterrupted (bitwise), retention,
 structure mismatches named by key path, restore onto another device count."""
+import os
+import signal
+
 import chex
 import jax
 import numpy as np
@@ -136,3 +139,33 @@ def test_non_finite_state_is_refused(tmp_path):
         ckpt.save(7, state, {})
     assert ckpt.latest_step() is None
     ckpt.close()
+
+
+class SigtermLoader(InterruptingLoader):
+    """Sends this process a SIGTERM (a preemption notice) when batch `at` is requested."""
+
+    def iterate(self, start=0, stop=None):
+        for b, batch in self.inner.iterate(start, stop):
+            if b == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b, batch
+
+
+def test_sigterm_saves_at_the_next_step_and_resumes_bitwise(tmp_path):
+    def run(workdir, loader_wrapper=None):
+        state, step, mesh = fresh_state()
+        loader = DeviceLoader(tiny_source(), batch_size=8, mesh=mesh, seed=3)
+        if loader_wrapper is not None:
+            loader = loader_wrapper(loader)
+        return loop.run(state=state, train_step=step, loader=loader, steps=12,
+                        workdir=str(workdir), ckpt_every=0, log_every=4, progress=False)
+
+    straight, _ = run(tmp_path / "straight")
+    with pytest.raises(loop.Preempted) as e:
+        run(tmp_path / "preempted", lambda inner: SigtermLoader(inner, at=6))
+    assert e.value.step == 7 and e.value.code == 143  # batch 6 is step 7: saved right after it
+    assert Checkpointer(str(tmp_path / "preempted" / "checkpoints")).all_steps() == [7]
+    resumed, summary = run(tmp_path / "preempted")
+    assert summary["resumed_from"] == 7
+    chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(straight))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was removed

@@ -122,3 +122,15 @@ def test_experiment_rejects_bad_config_before_loading_data(tmp_path, monkeypatch
     c.lr = -1.0
     with pytest.raises(ConfigError, match="'lr'"):
         quickstart.main(c)
+
+
+def test_command_line_errors_exit_2_with_the_key_named(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", "--config.lrr=0.1"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: unknown config key 'lrr'; did you mean 'lr'?")

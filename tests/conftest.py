@@ -3,7 +3,10 @@
 The device count must be fixed before jax is imported, so this happens at import time of the
 conftest, which pytest loads before any test module.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -18,23 +21,25 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+# Many tests build the same small programs from fresh closures; jax's persistent compilation
+# cache recognises identical programs across tests (2.5x faster suite). One fresh cache per test
+# process: jax writes cache files in place (not atomically), so a second pytest-xdist worker
+# reading a file being written can load a truncated executable and abort; and a run killed
+# mid-write must not leave a truncated file for the next run.
+_JIT_CACHE = tempfile.mkdtemp(prefix="jaxvision-test-jit-cache-")
+atexit.register(shutil.rmtree, _JIT_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
 @pytest.fixture(autouse=True)
 def _clear_trace_counter():
     chex.clear_trace_counter()
     yield
 
-# Many tests build the same small programs from fresh closures; jax's persistent compilation
-# cache recognises identical programs across tests (and across runs on a warm machine).
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JAXVISION_TEST_JIT_CACHE", "/tmp/jaxvision-test-jit-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
 
 @pytest.fixture(autouse=True, scope="session")
 def _temp_files_under_pytest(tmp_path_factory):
     """Libraries' own temp dirs (tfds's mock_data leaves empty ones) go under pytest's tmp."""
-    import tempfile
-
     previous = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
     os.environ["TMPDIR"] = tempfile.tempdir  # and subprocesses' too

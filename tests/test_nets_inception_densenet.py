@@ -263,34 +263,6 @@ def test_bad_configurations_raise():
     init(googlenet.GoogLeNetTiny(aux_logits=False, aux_after=("nope", "nope")))
 
 
-# ---- Pooling helpers (torchvision semantics) -------------------------------------------------
-
-
-def test_ceil_mode_max_pool_keeps_the_partial_last_window():
-    x = jnp.arange(6.0).reshape(1, 1, 6, 1) * jnp.ones((1, 3, 1, 1))  # rows 0..5 along W
-    out = googlenet._max_pool_ceil(x, 3, 2)
-    # W: windows [0..2], [2..4], [4..5] (partial) -> 2, 4, 5; H=3: one window. Floor mode: 2.
-    np.testing.assert_array_equal(out[0, :, :, 0], [[2.0, 4.0, 5.0]])
-    # 112 -> 56 (floor mode would give 55), 14 -> 7 for the 2x2 pool.
-    assert googlenet._max_pool_ceil(jnp.zeros((1, 112, 112, 1)), 3, 2).shape[1:3] == (56, 56)
-    assert googlenet._max_pool_ceil(jnp.zeros((1, 14, 14, 1)), 2, 2).shape[1:3] == (7, 7)
-    # Negative inputs: the padding is -inf, never a winning 0.
-    neg = googlenet._max_pool_ceil(-1.0 - x, 3, 2)
-    np.testing.assert_array_equal(neg[0, :, :, 0], [[-1.0, -3.0, -5.0]])
-
-
-def test_adaptive_avg_pool_uses_pytorch_windows():
-    m = googlenet._adaptive_avg_pool_matrix(14, 4)
-    windows = [tuple(np.flatnonzero(row)[[0, -1]]) for row in m]
-    assert windows == [(0, 3), (3, 6), (7, 10), (10, 13)]  # [0,4) [3,7) [7,11) [10,14)
-    np.testing.assert_allclose(m.sum(axis=1), 1.0)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
-    # Divisible sizes: plain 2x2 average pooling.
-    np.testing.assert_allclose(googlenet.adaptive_avg_pool(x, (4, 4)),
-                               x.reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4)), rtol=1e-5,
-                               atol=1e-6)
-
-
 # ---- Real forward/backward of the tiny variants ----------------------------------------------
 
 # DenseNetTiny with dropout, so that the train-mode rng has something to do (dropout is not a

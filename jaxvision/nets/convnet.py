@@ -103,3 +103,8 @@ ConvNetSmall = partial(ConvNet, widths=(32, 64, 128))
 # 20-30 epochs with flip + crop augmentation (BN VGG nets of this size usually reach the high 80s);
 # not yet measured in this repo: the experiment that trains it should state the measured number.
 ConvNetCifar = partial(ConvNet, widths=(64, 128, 256), convs_per_block=2, dense_width=None)
+
+# The table read by benchmarks/nets_table.py and the net tests.
+VARIANTS = {"convnet_tiny": ConvNetTiny, "convnet_small": ConvNetSmall, "convnet_cifar": ConvNetCifar}
+INPUT_SHAPES = {name: (32, 32, 3) for name in VARIANTS}
+NUM_CLASSES = {name: 10 for name in VARIANTS}

@@ -38,7 +38,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxvision.nets.layers import adaptive_avg_pool, max_pool_ceil
 
 # torchvision initialises every conv and linear weight from a normal with std 0.01 truncated at
 # +-2 (absolute, i.e. +-200 std: no truncation in practice), biases at 0 and BN at (1, 0).
@@ -87,42 +88,6 @@ _STAGE_POOLS = ((3, 2), (2, 2))
 # the network with a discount weight (the losses of the auxiliary classifiers were weighted by
 # 0.3)."
 auxiliary_loss_weight = 0.3
-
-
-def _max_pool_ceil(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """PyTorch's `MaxPool2d(window, stride, padding=0, ceil_mode=True)` on NHWC.
-
-    Ceil mode keeps a last, partial window: `out = ceil((n - window) / stride) + 1` (e.g.
-    112 -> 56, not floor mode's 55), done here by padding the bottom/right with -inf (flax's
-    max_pool pads with the max's identity), so padded cells never win.
-    """
-    pads = []
-    for n in x.shape[1:3]:
-        out = -(-(n - window) // stride) + 1
-        if (out - 1) * stride >= n:  # PyTorch drops a window that would start in the padding
-            out -= 1
-        pads.append((0, max(0, (out - 1) * stride + window - n)))
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
-
-
-def _adaptive_avg_pool_matrix(n: int, out: int) -> np.ndarray:
-    """`[out, n]` averaging weights of PyTorch's adaptive average pool along one axis.
-
-    Window i covers `[floor(i n / out), ceil((i + 1) n / out))`: for n=14, out=4 the windows
-    are [0,4), [3,7), [7,11), [10,14) (overlapping); for n < out, cells repeat.
-    """
-    m = np.zeros((out, n), np.float32)
-    for i in range(out):
-        start, end = (i * n) // out, -(-((i + 1) * n) // out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
-
-
-def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """PyTorch's `adaptive_avg_pool2d` on NHWC, in float32: (B, H, W, C) -> (B, h, w, C) f32."""
-    rows = jnp.asarray(_adaptive_avg_pool_matrix(x.shape[1], size[0]))
-    cols = jnp.asarray(_adaptive_avg_pool_matrix(x.shape[2], size[1]))
-    return jnp.einsum("ih,bhwc,jw->bijc", rows, x.astype(jnp.float32), cols)
 
 
 class ConvBN(nn.Module):
@@ -268,13 +233,13 @@ class GoogLeNet(nn.Module):
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv(w1, kernel_size=7, stride=2, name="stem_conv_1")(x, train=train)  # H/2
-            x = _max_pool_ceil(x, 3, 2)  # H/4
+            x = max_pool_ceil(x, 3, 2)  # H/4
         else:
             x = conv(w1, kernel_size=3, name="stem_conv_1")(x, train=train)
         x = conv(w2, kernel_size=1, name="stem_conv_2")(x, train=train)
         x = conv(w3, kernel_size=3, name="stem_conv_3")(x, train=train)
         if self.stem == "imagenet":
-            x = _max_pool_ceil(x, 3, 2)  # H/8
+            x = max_pool_ceil(x, 3, 2)  # H/8
         acts["stem"] = x
 
         # The aux heads run in training, and at init so that their parameters exist; in
@@ -282,7 +247,7 @@ class GoogLeNet(nn.Module):
         run_aux = self.aux_logits and (train or self.is_initializing())
         for i, (stage, stage_names) in enumerate(zip(self.stages, names)):
             if i > 0:
-                x = _max_pool_ceil(x, *_STAGE_POOLS[i - 1])  # (B, H, W, C) -> (B, H/2, W/2, C)
+                x = max_pool_ceil(x, *_STAGE_POOLS[i - 1])  # (B, H, W, C) -> (B, H/2, W/2, C)
             for spec, name in zip(stage, stage_names):
                 x = Inception(spec, dtype=self.dtype, name=name)(x, train=train)
                 acts[name] = x

@@ -51,3 +51,8 @@ class MLP(nn.Module):
 # Variants. Tiny: for tests. Small: the CS231n two-layer-net scale, for MNIST/CIFAR baselines.
 MLPTiny = partial(MLP, hidden_sizes=(16,), num_classes=10)
 MLPSmall = partial(MLP, hidden_sizes=(512, 256), num_classes=10)
+
+# The table read by benchmarks/nets_table.py and the net tests.
+VARIANTS = {"mlp_tiny": MLPTiny, "mlp_small": MLPSmall}
+INPUT_SHAPES = {name: (32, 32, 3) for name in VARIANTS}
+NUM_CLASSES = {name: 10 for name in VARIANTS}

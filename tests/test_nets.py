@@ -6,6 +6,7 @@ import pytest
 
 from jaxvision.nets.convnet import ConvNet, ConvNetTiny
 from jaxvision.nets.mlp import MLP, MLPTiny
+from nets_testing import count_params, fill_variables
 
 B, H, W, C, K = 4, 8, 8, 3, 10
 
@@ -19,31 +20,12 @@ def _shapes(model, x):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
 
 
-def _count(tree):
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+_count = count_params
 
 
 def _variables(model, x, seed=0):
-    """Variables with the exact tree, shapes and dtypes of `model.init`, filled from numpy.
-
-    Compiling flax's init (its RNG) takes seconds per net on the 2-core CPU machine, several
-    times the cost of every apply below; these tests are about apply, and `jax.eval_shape`
-    still traces `init` end to end. Kernels get fan-in-scaled normals, BatchNorm running
-    variances stay positive.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "batch_stats" in name:
-            value = np.zeros(leaf.shape) if "mean" in name else np.ones(leaf.shape)
-        elif len(leaf.shape) > 1:
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        else:
-            value = 0.1 * rng.standard_normal(leaf.shape) + ("scale" in name)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, _shapes(model, x))
+    """Variables with the exact tree, shapes and dtypes of `model.init`, filled from numpy."""
+    return fill_variables(_shapes(model, x), seed)
 
 
 # Dropout and dtype are not part of the variables, so ConvNetTiny(dense_width=8, dropout=...,

@@ -25,6 +25,7 @@ from jaxvision.nets.layers import (
     local_response_norm,
     max_pool_ceil,
 )
+from nets_testing import count_params, fill_variables
 
 FAMILIES = {"lenet": lenet, "alexnet": alexnet, "vgg": vgg, "nin": nin, "squeezenet": squeezenet}
 ALL_VARIANTS = [
@@ -37,8 +38,7 @@ B = 2  # batch size of every shape check and real run
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+_count = count_params
 
 
 def _model(family: str, name: str, **kw):
@@ -71,22 +71,8 @@ def _images(shape, *, batch=B, seed=0):
 
 
 def _fill(abstract, seed=0):
-    """Concrete variables with the tree, shapes and dtypes of `abstract`, filled from numpy
-    (skips compiling flax's init RNG). Kernels: fan-in-scaled (He) normals; biases and BN
-    offsets small; BN scales ~1; running means 0 and variances 1."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "batch_stats" in name:
-            value = np.zeros(leaf.shape) if "mean" in name else np.ones(leaf.shape)
-        elif len(leaf.shape) > 1:
-            value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-        else:
-            value = 0.1 * rng.standard_normal(leaf.shape) + ("scale" in name)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
+    """Concrete variables from numpy, He-scaled kernels (see `nets_testing.fill_variables`)."""
+    return fill_variables(abstract, seed, gain=np.sqrt(2.0))
 
 
 # ---- the tables ------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ import pytest
 
 from jaxvision import losses
 from jaxvision.nets import densenet, googlenet
+from nets_testing import count_params, fill_variables
 
 FAMILIES = {"googlenet": googlenet, "densenet": densenet}
 ALL_VARIANTS = [(family, name) for family, mod in FAMILIES.items() for name in mod.VARIANTS]
 BATCH = 2
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+_count = count_params
 
 
 def _model(family, name, **kw):
@@ -315,19 +315,7 @@ def _tiny_variables(family):
     shapes = jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                            jnp.zeros((1, *TINY_SHAPE)), train=False))
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "batch_stats" in name:
-            value = np.zeros(leaf.shape) if "mean" in name else np.ones(leaf.shape)
-        elif len(leaf.shape) > 1:
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        else:
-            value = 0.1 * rng.standard_normal(leaf.shape) + ("scale" in name)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return fill_variables(shapes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,13 +14,13 @@ import pytest
 
 from jaxvision.losses import softmax_cross_entropy
 from jaxvision.nets import resnet as R
+from nets_testing import count_params, fill_variables
 
 KEY = jax.random.key(0)
 B = 2
 
 
-def _count(tree):
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+_count = count_params
 
 
 def _trace(model, shape, batch=B):
@@ -48,21 +48,8 @@ def _images(shape, seed=0, batch=B):
 
 
 def _fill(shapes, seed=0):
-    """Variables with `shapes`' tree, shapes and dtypes, from numpy (no init compile): kernels
-    fan-in-scaled normals, BN scales near 1, running variances 1."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "batch_stats" in name:
-            value = np.zeros(leaf.shape) if "mean" in name else np.ones(leaf.shape)
-        elif len(leaf.shape) > 1:
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        else:
-            value = 0.1 * rng.standard_normal(leaf.shape) + ("scale" in name)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    """Concrete variables from numpy (see `nets_testing.fill_variables`)."""
+    return fill_variables(shapes, seed)
 
 
 # ---- Every variant: parameter counts and shapes (tracing only) -------------------------------

@@ -30,6 +30,7 @@ from jaxvision.nets.vit import (
     VARIANTS,
     ViTMicro,
 )
+from nets_testing import count_params
 
 KEY = jax.random.key(0)
 B = 2
@@ -47,8 +48,7 @@ def _key(seed):
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _count(tree):
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+_count = count_params
 
 
 def _init_shapes(model, shape):

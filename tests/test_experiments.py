@@ -38,13 +38,16 @@ def test_smoke(name, tmp_path, monkeypatch):
 
 
 def test_quickstart_reaches_95_percent(tmp_path):
-    from experiments import quickstart
-
-    config = quickstart.get_config()
-    config.workdir = str(tmp_path / "run")
-    summary = quickstart.main(config)
+    """The README's main job as a user runs it: a fresh process on one CPU device."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", f"--config.workdir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval"]["accuracy"] >= 0.95
     assert summary["eval"]["count"] == 360  # every test digit counted once
+    assert f"test accuracy: {summary['eval']['accuracy']:.2%}" in out.stdout
 
 
 def launch(workdir, cache):

@@ -8,15 +8,16 @@ import os
 import shutil
 import tempfile
 
-# --xla_cpu_use_thunk_runtime=false: with 8 emulated devices on a 2-core machine, XLA:CPU's
-# thunk runtime can run an all-reduce's per-device pieces on its shared intra-op pool (sized to
-# the core count); when the pool's threads all wait in the rendezvous, the last device never
-# arrives and XLA aborts the process after 40 s ("Expected 8 threads to join the rendezvous,
-# but only 7 of them arrived"). Seen in 1 of 3 concurrent quickstart runs here; none in 9 with
-# the classic runtime. Emulation only: one real device, or real accelerators, are unaffected.
+# Known XLA:CPU hazard with emulated devices (jax 0.10.2): on a machine with fewer cores than
+# devices, an all-reduce of a large enough program can wait forever for its last device thread,
+# and XLA aborts the process after 40 s ("Expected 8 threads to join the rendezvous, but only 7
+# of them arrived"). It hit the 600-step quickstart on 8 emulated devices in about 1 run in 5
+# here (more under load); no flag of this jaxlib avoided it (--xla_cpu_use_thunk_runtime is
+# ignored, --xla_cpu_multi_thread_eigen=false did not help). So the tests keep 8-device training
+# to tiny nets and short runs (which never hit it in 6 full suites, one under heavy load), and run
+# the long quickstart as the README does, in a fresh one-device process.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_cpu_use_thunk_runtime=false"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -14,7 +14,7 @@ import tempfile
 # of them arrived"). It hit the 600-step quickstart on 8 emulated devices in about 1 run in 5
 # here (more under load); no flag of this jaxlib avoided it (--xla_cpu_use_thunk_runtime is
 # ignored, --xla_cpu_multi_thread_eigen=false did not help). So the tests keep 8-device training
-# to tiny nets and short runs (which never hit it in 6 full suites, one under heavy load), and run
+# to tiny nets and short runs (which never hit it in 9 full suites, one under heavy load), and run
 # the long quickstart as the README does, in a fresh one-device process.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

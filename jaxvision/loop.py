@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from jaxvision import checkpoint as ckpt_lib
 from jaxvision import sharding as shd
+from jaxvision import train
 from jaxvision.checkpoint import NonFiniteError
 
 # Measurements that must be finite; a NaN in any of them stops the run.
@@ -338,8 +339,6 @@ def fit_classifier(*, model, tx, schedule, preprocess, loss_fn, train_loader, ev
     every example counts once). `run_kwargs` go to `run` (log_every, eval_every, ckpt_every,
     keep_checkpoints, config, tensorboard, progress).
     """
-    from jaxvision import train  # here: train is the step library, loop the driver
-
     state = train.create_train_state(model=model, tx=tx, seed=seed, input_shape=input_shape,
                                      mesh=train_loader.mesh, fsdp=fsdp)
     train_step = train.make_classifier_step(model=model, tx=tx, schedule=schedule,

@@ -19,7 +19,9 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.st
 
 
 def test_experiments_are_found():
-    assert {"quickstart", "cifar10_convnet"} <= set(EXPERIMENTS)
+    assert {"quickstart", "cifar10_convnet", "cifar10_10_epochs", "knn", "linear_classifier",
+            "features_classifier", "two_layer_net", "fc_net", "three_layer_convnet",
+            "weight_init", "update_rules"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -30,9 +32,14 @@ def test_smoke(name, tmp_path, monkeypatch):
     config = module.smoke_config()
     config.workdir = str(tmp_path / "run")
     summary = module.main(config)
-    assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
-    for f in ("metrics.jsonl", "summary.json", "report.png"):
+    # Every experiment that classifies reports its test accuracy; the few that do not (the
+    # weight-initialisation study) report their own figures.
+    if "eval" in summary:
+        assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    for f in ("summary.json", "report.png"):
         assert (tmp_path / "run" / f).stat().st_size > 0, f
+    if (tmp_path / "run" / "checkpoints").exists():  # trained by the shared loop
+        assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["workdir"] == \
         config.workdir
 

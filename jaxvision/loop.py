@@ -331,20 +331,25 @@ def _print(enabled: bool, message: str) -> None:
 
 def fit_classifier(*, model, tx, schedule, preprocess, loss_fn, train_loader, eval_loader,
                    input_shape: tuple[int, ...], seed: int, steps: int, workdir: str,
-                   fsdp: bool = False, l2: float = 0.0, **run_kwargs) -> tuple[dict, dict]:
+                   fsdp: bool = False, l2: float = 0.0, mix=None, loss_takes_acts: bool = False,
+                   **run_kwargs) -> tuple[dict, dict]:
     """Creates the state and trains a classifier: the wiring every classification experiment
     shares, so experiment files only assemble the pieces (data, net, loss, optimizer).
 
     Evaluation runs `eval_loader`'s first epoch (use `shuffle=False, drop_remainder=False`, so
     every example counts once). `run_kwargs` go to `run` (log_every, eval_every, ckpt_every,
-    keep_checkpoints, config, tensorboard, progress).
+    keep_checkpoints, config, tensorboard, progress). `mix` and `loss_takes_acts` go to
+    `train.make_classifier_step` (mixup/cutmix; losses that read the activations, such as
+    `googlenet.googlenet_loss`, which trains GoogLeNet's auxiliary classifiers).
     """
     state = train.create_train_state(model=model, tx=tx, seed=seed, input_shape=input_shape,
                                      mesh=train_loader.mesh, fsdp=fsdp)
     train_step = train.make_classifier_step(model=model, tx=tx, schedule=schedule,
-                                            preprocess=preprocess, loss_fn=loss_fn, l2=l2)
+                                            preprocess=preprocess, loss_fn=loss_fn, l2=l2,
+                                            mix=mix, loss_takes_acts=loss_takes_acts)
     eval_step = jax.jit(train.make_classifier_eval(model=model, preprocess=preprocess,
-                                                   loss_fn=loss_fn))
+                                                   loss_fn=loss_fn,
+                                                   loss_takes_acts=loss_takes_acts))
     return run(state=state, train_step=train_step, loader=train_loader, steps=steps,
                workdir=workdir, evaluate=lambda s: train.evaluate(eval_step, s, eval_loader.epoch()),
                **run_kwargs)

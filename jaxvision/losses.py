@@ -36,6 +36,7 @@ def softmax_cross_entropy(
       logits: `[B, K]` float, unnormalised scores.
       labels: `[B]` int, the true class of each example, in `[0, K)`. A label outside that
         range gives an all-zero one-hot target (padding examples should be masked out anyway).
+        Or `[B, K]` float target distributions (soft labels, e.g. from mixup or cutmix).
       label_smoothing: `eps` in `[0, 1]`.
 
     Returns:
@@ -46,7 +47,13 @@ def softmax_cross_entropy(
     # log_softmax subtracts the max before exponentiating: no overflow for large logits, and
     # log(softmax) is never formed from a softmax that underflowed to 0.
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, K]
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=log_probs.dtype)  # [B, K]
+    if labels.ndim == logits.ndim:  # soft targets [B, K]
+        if labels.shape != logits.shape:
+            raise ValueError(f"soft labels must have the logits' shape {logits.shape}, "
+                             f"got {labels.shape}")
+        onehot = labels.astype(log_probs.dtype)
+    else:
+        onehot = jax.nn.one_hot(labels, num_classes, dtype=log_probs.dtype)  # [B, K]
     targets = (1.0 - label_smoothing) * onehot + label_smoothing / num_classes  # [B, K]
     return -jnp.sum(targets * log_probs, axis=-1)  # [B]
 
@@ -111,12 +118,15 @@ def accuracy(*, logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Args:
       logits: `[B, K]` float.
-      labels: `[B]` int.
+      labels: `[B]` int, or `[B, K]` soft labels (then the label is their argmax: for mixup and
+        cutmix, the class with the larger share).
 
     Returns:
       `[B]` float32, 1.0 where `argmax(logits) == label`, else 0.0 (ties go to the lowest index,
       as in `jnp.argmax`). Per example, so it can be reduced with `masked_mean`.
     """
+    if labels.ndim == logits.ndim:
+        labels = jnp.argmax(labels, axis=-1)
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 

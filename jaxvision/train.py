@@ -65,23 +65,33 @@ def _variables(params, batch_stats) -> dict:
 
 def make_classifier_step(*, model: nn.Module, tx: optax.GradientTransformation,
                          schedule: optax.Schedule, preprocess: Preprocess, loss_fn: LossFn,
-                         l2: float = 0.0, l2_mask=None) -> Callable[[State, Batch], tuple]:
+                         l2: float = 0.0, l2_mask=None, mix: Callable | None = None,
+                         loss_takes_acts: bool = False) -> Callable[[State, Batch], tuple]:
     """The classification update `step(state, batch) -> (state, metrics)`, not yet jitted.
 
     batch: {"image": uint8 [B, H, W, C], "label": int [B], "mask": float [B]}; the loss is the
     masked mean of `loss_fn` (+ `l2` * `losses.l2_penalty(params, mask=l2_mask)`).
+    mix: optional `mix(images, labels, *, key) -> (images, soft labels [B, K])` applied after
+      `preprocess` (mixup, cutmix: `augment.mixup`); `loss_fn` then gets the soft labels.
+    loss_takes_acts: call `loss_fn(logits=, labels=, acts=)` with the net's activations (e.g.
+      `googlenet.googlenet_loss`, which adds the auxiliary classifiers' losses).
     metrics (scalars): loss (data term), accuracy, grad_norm, param_norm, update_norm, lr.
     """
     def step(state: State, batch: Batch):
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
         images = preprocess(batch["image"], key=aug_key, train=True)
+        labels = batch["label"]
+        if mix is not None:
+            # A key of its own, derived so that runs without `mix` draw exactly as before.
+            images, labels = mix(images, labels, key=jax.random.fold_in(aug_key, 1))
 
         def objective(params):
-            (logits, _), new_vars = model.apply(
+            (logits, acts), new_vars = model.apply(
                 _variables(params, state["batch_stats"]), images, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            extra = {"acts": acts} if loss_takes_acts else {}
             data_loss = losses.masked_mean(
-                loss_fn(logits=logits, labels=batch["label"]), batch["mask"])
+                loss_fn(logits=logits, labels=labels, **extra), batch["mask"])
             total = data_loss
             if l2:
                 total = total + l2 * losses.l2_penalty(params, mask=l2_mask)
@@ -96,7 +106,7 @@ def make_classifier_step(*, model: nn.Module, tx: optax.GradientTransformation,
         metrics = {
             "loss": data_loss,
             "accuracy": losses.masked_mean(
-                losses.accuracy(logits=logits, labels=batch["label"]), batch["mask"]),
+                losses.accuracy(logits=logits, labels=labels), batch["mask"]),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
@@ -108,16 +118,18 @@ def make_classifier_step(*, model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_classifier_eval(*, model: nn.Module, preprocess: Preprocess,
-                         loss_fn: LossFn) -> Callable[[State, Batch], dict]:
+                         loss_fn: LossFn, loss_takes_acts: bool = False
+                         ) -> Callable[[State, Batch], dict]:
     """`eval_step(state, batch) -> {"loss_sum", "correct", "count"}`: masked sums, not means,
-    so batches add up and padded rows count for nothing."""
+    so batches add up and padded rows count for nothing. loss_takes_acts: as for the step."""
     def eval_step(state: State, batch: Batch):
         images = preprocess(batch["image"], key=None, train=False)
-        logits, _ = model.apply(_variables(state["params"], state["batch_stats"]), images,
-                                train=False)
+        logits, acts = model.apply(_variables(state["params"], state["batch_stats"]), images,
+                                   train=False)
         mask = batch["mask"]
+        extra = {"acts": acts} if loss_takes_acts else {}
         return {
-            "loss_sum": jnp.sum(loss_fn(logits=logits, labels=batch["label"]) * mask),
+            "loss_sum": jnp.sum(loss_fn(logits=logits, labels=batch["label"], **extra) * mask),
             "correct": jnp.sum(losses.accuracy(logits=logits, labels=batch["label"]) * mask),
             "count": jnp.sum(mask),
         }

@@ -165,3 +165,68 @@ def test_run_writes_metrics_and_summary(tmp_path):
     assert on_disk["eval"] == {"accuracy": 0.5} and on_disk["step"] == 8
     assert on_disk["versions"]["jax"] == jax.__version__
     assert "git_commit" in on_disk and len(on_disk["devices"]) == 8
+
+
+def _one_step(**step_kw):
+    mesh = make_mesh()
+    schedule = optim.make_schedule(kind="constant", lr=0.1, steps=10)
+    tx = optim.make_optimizer(name="sgd", learning_rate=schedule)
+    state = train.create_train_state(model=MODEL, tx=tx, seed=0, input_shape=(8, 8, 3), mesh=mesh)
+    step_kw.setdefault("loss_fn", losses.softmax_cross_entropy)
+    step = jax.jit(train.make_classifier_step(model=MODEL, tx=tx, schedule=schedule,
+                                              preprocess=preprocess, **step_kw))
+    src = tiny_source(8)
+    batch = {"image": jnp.asarray(src.images), "label": jnp.asarray(src.labels, jnp.int32),
+             "mask": jnp.ones(8)}
+    return state, step(state, batch)
+
+
+def test_mix_hands_soft_labels_to_the_loss_and_one_hot_mix_changes_nothing():
+    seen = {}
+
+    def loss_fn(*, logits, labels):
+        seen["labels"] = labels
+        return losses.softmax_cross_entropy(logits=logits, labels=labels)
+
+    def one_hot_mix(images, labels, *, key):  # a "mix" that mixes nothing
+        return images, jax.nn.one_hot(labels, 4)
+
+    _, (plain, m_plain) = _one_step()
+    _, (mixed, m_mixed) = _one_step(mix=one_hot_mix, loss_fn=loss_fn)
+    assert seen["labels"].shape == (8, 4)
+    chex.assert_trees_all_close(mixed["params"], plain["params"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(m_mixed["accuracy"], m_plain["accuracy"])
+
+
+def test_loss_can_read_the_activations():
+    """With loss_takes_acts the loss sees `acts` and its gradient reaches the net through them
+    (how GoogLeNet's auxiliary classifiers are trained)."""
+    def loss_fn(*, logits, labels, acts):
+        # Only the features: the head gets no gradient, the convs do.
+        return jnp.sum(acts["features"] ** 2, axis=-1) + 0.0 * logits[:, 0]
+
+    state, (new, _) = _one_step(loss_fn=loss_fn, loss_takes_acts=True)
+    np.testing.assert_array_equal(new["params"]["head"]["kernel"], state["params"]["head"]["kernel"])
+    assert not np.array_equal(new["params"]["conv_0_0"]["kernel"],
+                              state["params"]["conv_0_0"]["kernel"])
+
+
+def test_soft_labels_in_the_loss_and_accuracy():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+    labels = jnp.asarray([0, 3, 1, 1, 2])
+    hard = losses.softmax_cross_entropy(logits=logits, labels=labels, label_smoothing=0.1)
+    soft = losses.softmax_cross_entropy(logits=logits, labels=jax.nn.one_hot(labels, 4),
+                                        label_smoothing=0.1)
+    np.testing.assert_allclose(soft, hard, rtol=1e-6)
+    # Mixup's targets: the loss is linear in the target distribution.
+    other = jnp.asarray([2, 2, 0, 3, 1])
+    mixed = 0.3 * jax.nn.one_hot(labels, 4) + 0.7 * jax.nn.one_hot(other, 4)
+    np.testing.assert_allclose(
+        losses.softmax_cross_entropy(logits=logits, labels=mixed),
+        0.3 * losses.softmax_cross_entropy(logits=logits, labels=labels)
+        + 0.7 * losses.softmax_cross_entropy(logits=logits, labels=other), rtol=1e-6)
+    np.testing.assert_array_equal(losses.accuracy(logits=logits, labels=mixed),
+                                  losses.accuracy(logits=logits, labels=other))
+    with pytest.raises(ValueError, match="soft labels must have the logits' shape"):
+        losses.softmax_cross_entropy(logits=logits, labels=jnp.ones((5, 3)))

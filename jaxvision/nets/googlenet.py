@@ -287,19 +287,14 @@ def googlenet_loss(*, logits: jax.Array, acts: dict[str, jax.Array], labels: jax
     Returns:
       `[B]` float per-example losses.
 
-    Use in an experiment: the shared step (`jaxvision.train.make_classifier_step`) calls
-    `loss_fn(logits=..., labels=...)` and drops `acts`, so with it the auxiliary heads get no
-    gradient (they still run and update their BatchNorm statistics; use `aux_logits=False` to
-    save that work). To train them, the experiment's objective applies the model itself:
+    Use in an experiment: give the shared step `loss_takes_acts=True` (it then calls
+    `loss_fn(logits=, labels=, acts=)`), e.g.
 
-        (logits, acts), new_vars = model.apply(variables, images, train=True,
-                                               mutable=["batch_stats"], rngs={"dropout": key})
-        per_example = googlenet_loss(logits=logits, acts=acts, labels=labels,
-                                     loss_fn=losses.softmax_cross_entropy)
-        loss = losses.masked_mean(per_example, mask)
+        loop.fit_classifier(..., loss_takes_acts=True,
+                            loss_fn=functools.partial(googlenet_loss,
+                                                      loss_fn=losses.softmax_cross_entropy))
 
-    (or the shared step could pass `acts=acts` to its loss_fn, and the experiment give it
-    `functools.partial(googlenet_loss, loss_fn=losses.softmax_cross_entropy)`).
+    In evaluation the net returns no aux logits, so this is the main loss alone.
     """
     loss = loss_fn(logits=logits, labels=labels)
     for name in ("aux_1", "aux_2"):

@@ -148,3 +148,30 @@ def test_device_loader_places_data_once():
     loader = DeviceLoader(numbered_source(), batch_size=8, mesh=mesh)
     assert loader.images.sharding.is_fully_replicated
     assert len(loader.images.sharding.device_set) == jax.device_count()
+
+
+def test_host_augmentation_equals_the_same_ops_on_the_device():
+    """HostLoader(batch_fn=augment.host_batch_fn(fn, seed)) delivers what a jitted step gets by
+    running fn on the device's batch with augment.batch_key(seed, step): bitwise, on CPU."""
+    from jaxvision.pipelines import augment
+
+    def fn(batch, *, key):
+        k_jit, k_crop, k_flip = jax.random.split(key, 3)
+        x = batch["image"].astype(np.float32) / 255.0
+        x = augment.color_jitter(x, key=k_jit)
+        x = augment.random_crop(x, key=k_crop, padding=1)
+        x = augment.random_flip(x, key=k_flip)
+        return {**batch, "image": x}
+
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    src = sources.ArraySource(rng.integers(0, 256, (N, 4, 4, 3), dtype=np.uint8),
+                              np.arange(N) % 5, num_classes=5, name="random")
+    kwargs = dict(batch_size=16, mesh=mesh, seed=3)
+    host = HostLoader(src, batch_fn=augment.host_batch_fn(fn, seed=11), prefetch=0, **kwargs)
+    on_device = jax.jit(lambda batch, b: fn(batch, key=augment.batch_key(11, b)))
+    for (b, got), (_, raw) in zip(host.iterate(0, 3), DeviceLoader(src, **kwargs).iterate(0, 3)):
+        want = on_device(raw, b)
+        assert got["image"].dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got["image"]), np.asarray(want["image"]))
+        np.testing.assert_array_equal(np.asarray(got["label"]), np.asarray(want["label"]))

@@ -180,12 +180,17 @@ class HostLoader(_Loader):
     on_bad: "raise" stops at the first bad example with an error that names it; "skip" gives it
       mask 0 (it is counted in `num_skipped` and logged), so it never reaches the loss.
     map_fn: optional per-example host preprocessing, dict -> dict (e.g. resizing).
+    batch_fn: optional per-batch host augmentation `(local batch dict, batch index) -> dict`,
+      e.g. `augment.host_batch_fn(fn, seed=...)`: the same ops the step can run on the device,
+      drawing from `augment.batch_key(seed, batch index)` (applied after the bad-example masking,
+      so the batch's shapes stay static).
     prefetch: batches prepared ahead by a background thread (0: none).
     """
 
     def __init__(self, source, *, batch_size: int, mesh: Mesh, seed: int = 0,
                  shuffle: bool = True, drop_remainder: bool = True, on_bad: str = "raise",
-                 map_fn: Callable[[dict], dict] | None = None, prefetch: int = 2,
+                 map_fn: Callable[[dict], dict] | None = None,
+                 batch_fn: Callable[[dict, int], dict] | None = None, prefetch: int = 2,
                  process_index: int | None = None, process_count: int | None = None):
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
@@ -194,6 +199,7 @@ class HostLoader(_Loader):
         self.source = source
         self.on_bad = on_bad
         self.map_fn = map_fn
+        self.batch_fn = batch_fn
         self.prefetch = prefetch
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -239,7 +245,10 @@ class HostLoader(_Loader):
 
     def iterate(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Batch]]:
         def produce(b):
-            return shd.global_batch(self.local_batch(b), self.mesh)
+            local = self.local_batch(b)
+            if self.batch_fn is not None:
+                local = self.batch_fn(local, b)
+            return shd.global_batch(local, self.mesh)
 
         if self.prefetch == 0:
             b = start

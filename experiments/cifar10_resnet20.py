@@ -149,18 +149,22 @@ def main(config: ml_collections.ConfigDict) -> dict:
         eval_every=config.eval_every, ckpt_every=config.ckpt_every,
         keep_checkpoints=config.keep_checkpoints, config=config)
 
-    if jax.process_index() == 0:
-        idx = np.linspace(0, len(test_arr.images) - 1, 32).astype(int)
-        preds = np.asarray(train.predict(model, state, test_arr.images[idx], preprocess)
-                           .argmax(-1))
-        accuracy = summary["eval"]["accuracy"]
-        report = plots.save_run_report(
-            config.workdir, test_arr.images[idx], test_arr.labels[idx], preds,
-            class_names=test_arr.class_names,
-            title=f"CIFAR-10 ResNet-20: test accuracy {accuracy:.2%}")
-        print(f"test accuracy: {accuracy:.2%} ({summary['eval']['count']} images), "
-              f"{summary['wall_time_s']:.0f} s\nwrote {report}")
+    report(config, model, state, summary, test_arr, preprocess, name="ResNet-20")
     return summary
+
+
+def report(config, model, state, summary, test_arr, preprocess, *, name: str) -> None:
+    """Writes WORKDIR/report.png (curves + 32 test predictions) and prints the accuracy."""
+    if jax.process_index() != 0:
+        return
+    idx = np.linspace(0, len(test_arr.images) - 1, 32).astype(int)
+    preds = np.asarray(train.predict(model, state, test_arr.images[idx], preprocess).argmax(-1))
+    accuracy = summary["eval"]["accuracy"]
+    path = plots.save_run_report(config.workdir, test_arr.images[idx], test_arr.labels[idx],
+                                 preds, class_names=test_arr.class_names,
+                                 title=f"CIFAR-10 {name}: test accuracy {accuracy:.2%}")
+    print(f"test accuracy: {accuracy:.2%} ({summary['eval']['count']} images), "
+          f"{summary['wall_time_s']:.0f} s\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -115,11 +115,36 @@ def make_mix(config, num_classes):
 def main(config: ml_collections.ConfigDict) -> dict:
     config = config_lib.validate(config)
     config_lib.check_choice(config, "net", ("resnet20", "tiny"))
-    config_lib.check_choice(config, "augment", ("none", "flip_crop"))
-    config_lib.check_choice(config, "compute_dtype", ("float32", "bfloat16"))
     if not all(0 < f < 1 for f in config.decay_at):
         raise config_lib.ConfigError(f"config key 'decay_at' must hold fractions in (0, 1), got "
                                      f"{config.decay_at}")
+
+    def make_model(num_classes):
+        make_net = ResNet20 if config.net == "resnet20" else ResNetTiny
+        return make_net(num_classes=num_classes, dtype=jnp.dtype(config.compute_dtype))
+
+    def make_optimizer(steps, steps_per_epoch):
+        schedule = optim.make_schedule(kind="step", lr=config.lr, steps=steps,
+                                       boundaries=[int(f * steps) for f in config.decay_at])
+        return optim.make_optimizer(name="momentum", learning_rate=schedule,
+                                    momentum=config.momentum,
+                                    weight_decay=config.weight_decay), schedule
+
+    return train_cifar(config, make_model=make_model, make_optimizer=make_optimizer,
+                       name="ResNet-20")
+
+
+def train_cifar(config, *, make_model, make_optimizer, name: str) -> dict:
+    """The wiring the CIFAR zoo experiments share (this file, cifar10_resnet18, cifar10_vgg16,
+    cifar10_vit): the data set in device memory, `make_preprocess`'s flip/crop/cutout and
+    `make_mix`'s mixup/cutmix, label smoothing, `loop.fit_classifier`, then `report`.
+
+    make_model: `num_classes -> flax module`; make_optimizer: `(steps, steps_per_epoch) ->
+    (tx, schedule)`. Config keys read here: data..., batch sizes, epochs, augmentation keys,
+    label_smoothing, compute_dtype, periodic actions.
+    """
+    config_lib.check_choice(config, "augment", ("none", "flip_crop"))
+    config_lib.check_choice(config, "compute_dtype", ("float32", "bfloat16"))
     mesh = make_mesh()
     train_src, test_src = load_data(config)
     train_arr, test_arr = sources.as_arrays(train_src), sources.as_arrays(test_src)
@@ -128,14 +153,9 @@ def main(config: ml_collections.ConfigDict) -> dict:
     test_loader = DeviceLoader(test_arr, batch_size=config.eval_batch_size, mesh=mesh,
                                shuffle=False, drop_remainder=False)
     preprocess = make_preprocess(config)
-    make_net = ResNet20 if config.net == "resnet20" else ResNetTiny
-    model = make_net(num_classes=train_arr.num_classes, dtype=jnp.dtype(config.compute_dtype))
-
+    model = make_model(train_arr.num_classes)
     steps = config.epochs * train_loader.steps_per_epoch
-    schedule = optim.make_schedule(kind="step", lr=config.lr, steps=steps,
-                                   boundaries=[int(f * steps) for f in config.decay_at])
-    tx = optim.make_optimizer(name="momentum", learning_rate=schedule, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
+    tx, schedule = make_optimizer(steps, train_loader.steps_per_epoch)
 
     def loss_fn(*, logits, labels):
         return losses.softmax_cross_entropy(logits=logits, labels=labels,
@@ -148,8 +168,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
         steps=steps, workdir=config.workdir, log_every=config.log_every,
         eval_every=config.eval_every, ckpt_every=config.ckpt_every,
         keep_checkpoints=config.keep_checkpoints, config=config)
-
-    report(config, model, state, summary, test_arr, preprocess, name="ResNet-20")
+    report(config, model, state, summary, test_arr, preprocess, name=name)
     return summary
 
 

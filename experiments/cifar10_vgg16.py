@@ -20,13 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.cifar10_convnet import SHARED_ARCHIVE
-from experiments.cifar10_resnet20 import load_data, make_mix, make_preprocess, report
+from experiments.cifar10_resnet20 import train_cifar
 from jaxvision import config as config_lib
-from jaxvision import loop, losses, optim
+from jaxvision import optim
 from jaxvision.nets.vgg import VGG16BNCifar, VGGTiny
-from jaxvision.pipelines import sources
-from jaxvision.pipelines.loader import DeviceLoader
-from jaxvision.sharding import make_mesh
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -77,40 +74,23 @@ def smoke_config() -> ml_collections.ConfigDict:
 def main(config: ml_collections.ConfigDict) -> dict:
     config = config_lib.validate(config)
     config_lib.check_choice(config, "net", ("vgg16_bn", "tiny"))
-    config_lib.check_choice(config, "augment", ("none", "flip_crop"))
-    config_lib.check_choice(config, "compute_dtype", ("float32", "bfloat16"))
     if not 0 <= config.warmup_epochs < config.epochs:
         raise config_lib.ConfigError(f"config key 'warmup_epochs' must be in [0, epochs="
                                      f"{config.epochs}), got {config.warmup_epochs}")
-    mesh = make_mesh()
-    train_src, test_src = load_data(config)
-    train_arr, test_arr = sources.as_arrays(train_src), sources.as_arrays(test_src)
-    train_loader = DeviceLoader(train_arr, batch_size=config.batch_size, mesh=mesh,
-                                seed=config.seed)
-    test_loader = DeviceLoader(test_arr, batch_size=config.eval_batch_size, mesh=mesh,
-                               shuffle=False, drop_remainder=False)
-    preprocess = make_preprocess(config)
-    make_net = VGG16BNCifar if config.net == "vgg16_bn" else VGGTiny
-    model = make_net(num_classes=train_arr.num_classes, dtype=jnp.dtype(config.compute_dtype))
-    steps = config.epochs * train_loader.steps_per_epoch
-    schedule = optim.make_schedule(kind="cosine", lr=config.lr, steps=steps,
-                                   warmup_steps=config.warmup_epochs * train_loader.steps_per_epoch)
-    tx = optim.make_optimizer(name="nesterov", learning_rate=schedule, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
 
-    def loss_fn(*, logits, labels):
-        return losses.softmax_cross_entropy(logits=logits, labels=labels,
-                                            label_smoothing=config.label_smoothing)
+    def make_model(num_classes):
+        make_net = VGG16BNCifar if config.net == "vgg16_bn" else VGGTiny
+        return make_net(num_classes=num_classes, dtype=jnp.dtype(config.compute_dtype))
 
-    state, summary = loop.fit_classifier(
-        model=model, tx=tx, schedule=schedule, preprocess=preprocess, loss_fn=loss_fn,
-        mix=make_mix(config, train_arr.num_classes), train_loader=train_loader,
-        eval_loader=test_loader, input_shape=train_arr.image_shape, seed=config.seed,
-        steps=steps, workdir=config.workdir, log_every=config.log_every,
-        eval_every=config.eval_every, ckpt_every=config.ckpt_every,
-        keep_checkpoints=config.keep_checkpoints, config=config)
-    report(config, model, state, summary, test_arr, preprocess, name="VGG-16-BN")
-    return summary
+    def make_optimizer(steps, steps_per_epoch):
+        schedule = optim.make_schedule(kind="cosine", lr=config.lr, steps=steps,
+                                       warmup_steps=config.warmup_epochs * steps_per_epoch)
+        return optim.make_optimizer(name="nesterov", learning_rate=schedule,
+                                    momentum=config.momentum,
+                                    weight_decay=config.weight_decay), schedule
+
+    return train_cifar(config, make_model=make_model, make_optimizer=make_optimizer,
+                       name="VGG-16-BN")
 
 
 if __name__ == "__main__":

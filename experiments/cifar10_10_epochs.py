@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from jaxvision import config as config_lib
-from jaxvision import loop, losses, optim, plots, train
+from jaxvision import evaluation, loop, losses, optim, plots, train
 from jaxvision.nets.airbench import AirbenchNet, whitening_kernel
 from jaxvision.pipelines import augment, sources
 from jaxvision.pipelines.loader import DeviceLoader
@@ -99,21 +99,6 @@ def make_preprocess(config):
     return preprocess
 
 
-def make_tta_eval(model, preprocess, loss_fn):
-    """Like `train.make_classifier_eval`, on the mean logits of the image and its mirror."""
-    def eval_step(state, batch):
-        x = preprocess(batch["image"], key=None, train=False)
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        logits, _ = model.apply(variables, x, train=False)
-        mirrored, _ = model.apply(variables, x[:, :, ::-1], train=False)
-        logits = (logits + mirrored) / 2
-        mask, labels = batch["mask"], batch["label"]
-        return {"loss_sum": jnp.sum(loss_fn(logits=logits, labels=labels) * mask),
-                "correct": jnp.sum(losses.accuracy(logits=logits, labels=labels) * mask),
-                "count": jnp.sum(mask)}
-    return eval_step
-
-
 def main(config: ml_collections.ConfigDict) -> dict:
     config = config_lib.validate(config)
     config_lib.check_choice(config, "compute_dtype", ("float32", "bfloat16"))
@@ -162,7 +147,9 @@ def main(config: ml_collections.ConfigDict) -> dict:
 
     train_step = train.make_classifier_step(model=model, tx=tx, schedule=schedule,
                                             preprocess=preprocess, loss_fn=loss_fn)
-    eval_step = jax.jit(make_tta_eval(model, preprocess, loss_fn) if config.tta else
+    eval_step = jax.jit(evaluation.make_tta_eval(model=model, preprocess=preprocess,
+                                                 loss_fn=loss_fn, views_fn=evaluation.flip_views)
+                        if config.tta else
                         train.make_classifier_eval(model=model, preprocess=preprocess,
                                                    loss_fn=loss_fn))
     state, summary = loop.run(

@@ -75,12 +75,19 @@ def smoke_config() -> ml_collections.ConfigDict:
 def main(config: ml_collections.ConfigDict) -> dict:
     config = config_lib.validate(config)
     config_lib.check_choice(config, "net", ("resnet18", "tiny"))
+    return train_cosine_nesterov(
+        config, make_net=ResNet18Cifar if config.net == "resnet18" else ResNetTiny,
+        name="ResNet-18")
+
+
+def train_cosine_nesterov(config, *, make_net, name: str) -> dict:
+    """This file's recipe (warmup + cosine, Nesterov SGD, weight decay) for any CIFAR net
+    `make_net(num_classes=, dtype=)`; experiments.cifar10_vgg16 uses it too."""
     if not 0 <= config.warmup_epochs < config.epochs:
         raise config_lib.ConfigError(f"config key 'warmup_epochs' must be in [0, epochs="
                                      f"{config.epochs}), got {config.warmup_epochs}")
 
     def make_model(num_classes):
-        make_net = ResNet18Cifar if config.net == "resnet18" else ResNetTiny
         return make_net(num_classes=num_classes, dtype=jnp.dtype(config.compute_dtype))
 
     def make_optimizer(steps, steps_per_epoch):
@@ -90,8 +97,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
                                     momentum=config.momentum,
                                     weight_decay=config.weight_decay), schedule
 
-    return train_cifar(config, make_model=make_model, make_optimizer=make_optimizer,
-                       name="ResNet-18")
+    return train_cifar(config, make_model=make_model, make_optimizer=make_optimizer, name=name)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,10 @@ Smoke setting (run by the tests): `python -m experiments.cifar10_vgg16 --smoke`.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import ml_collections
 
 from experiments import cifar10_resnet18
-from experiments.cifar10_resnet20 import train_cifar
 from jaxvision import config as config_lib
-from jaxvision import optim
 from jaxvision.nets.vgg import VGG16BNCifar, VGGTiny
 
 
@@ -46,23 +43,9 @@ def smoke_config() -> ml_collections.ConfigDict:
 def main(config: ml_collections.ConfigDict) -> dict:
     config = config_lib.validate(config)
     config_lib.check_choice(config, "net", ("vgg16_bn", "tiny"))
-    if not 0 <= config.warmup_epochs < config.epochs:
-        raise config_lib.ConfigError(f"config key 'warmup_epochs' must be in [0, epochs="
-                                     f"{config.epochs}), got {config.warmup_epochs}")
-
-    def make_model(num_classes):
-        make_net = VGG16BNCifar if config.net == "vgg16_bn" else VGGTiny
-        return make_net(num_classes=num_classes, dtype=jnp.dtype(config.compute_dtype))
-
-    def make_optimizer(steps, steps_per_epoch):
-        schedule = optim.make_schedule(kind="cosine", lr=config.lr, steps=steps,
-                                       warmup_steps=config.warmup_epochs * steps_per_epoch)
-        return optim.make_optimizer(name="nesterov", learning_rate=schedule,
-                                    momentum=config.momentum,
-                                    weight_decay=config.weight_decay), schedule
-
-    return train_cifar(config, make_model=make_model, make_optimizer=make_optimizer,
-                       name="VGG-16-BN")
+    return cifar10_resnet18.train_cosine_nesterov(
+        config, make_net=VGG16BNCifar if config.net == "vgg16_bn" else VGGTiny,
+        name="VGG-16-BN")
 
 
 if __name__ == "__main__":

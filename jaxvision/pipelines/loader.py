@@ -177,8 +177,13 @@ class HostLoader(_Loader):
 
     source: `len(source)`, `source[i] -> {"image": uint8 HWC, "label": int}`, and `name`,
       `image_shape`, `num_classes` used to check every example (`sources.validate_example`).
-    on_bad: "raise" stops at the first bad example with an error that names it; "skip" gives it
-      mask 0 (it is counted in `num_skipped` and logged), so it never reaches the loss.
+    on_bad: "raise" stops at the first bad example met (in batch order) with an error that
+      names it; "skip" gives it mask 0, so it never reaches the loss, and reports it: `skipped`
+      lists the distinct bad examples met so far (the file, where the source has
+      `where(i)`, e.g. `sources.ImageFiles`; else `name[i]`), in the order first met, and
+      `num_skipped` counts them. A bad example is decoded and logged once: later epochs mask it
+      without reading it again. With several processes each reports the bad examples of its
+      own rows.
     map_fn: optional per-example host preprocessing, dict -> dict (e.g. resizing).
     batch_fn: optional per-batch host augmentation `(local batch dict, batch index) -> dict`,
       e.g. `augment.host_batch_fn(fn, seed=...)`: the same ops the step can run on the device,
@@ -206,8 +211,20 @@ class HostLoader(_Loader):
         if batch_size % self.process_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by the process count "
                              f"{self.process_count}")
-        self.num_skipped = 0
-        self.skipped: list[str] = []
+        # index -> where, in the order met. Written by the prefetch thread, read by the caller.
+        self._bad: dict[int, str] = {}
+        self._bad_lock = threading.Lock()
+
+    @property
+    def skipped(self) -> list[str]:
+        """The distinct bad examples met so far (skip mode), in the order first met."""
+        with self._bad_lock:
+            return list(self._bad.values())
+
+    @property
+    def num_skipped(self) -> int:
+        with self._bad_lock:
+            return len(self._bad)
 
     def local_batch(self, b: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `b`, as numpy: [B / process_count, ...]."""
@@ -226,7 +243,11 @@ class HostLoader(_Loader):
         return {"image": np.stack(images), "label": np.asarray(labels, np.int32), "mask": mask}
 
     def _read(self, i: int) -> dict | None:
-        where = f"{self.source.name}[{i}]"
+        if i in self._bad:  # met before: masked again without decoding (or logging) it again
+            return None
+        # A file source names the file (`ImageFiles.where`); others, the index.
+        where = (self.source.where(i) if hasattr(self.source, "where")
+                 else f"{self.source.name}[{i}]")
         try:
             example = self.source[i]
             if self.map_fn is not None:
@@ -238,9 +259,10 @@ class HostLoader(_Loader):
         except sources_lib.BadExampleError as e:
             if self.on_bad == "raise":
                 raise
-            self.num_skipped += 1
-            self.skipped.append(where)
-            logging.warning("skipping bad example (%d so far): %s", self.num_skipped, e)
+            with self._bad_lock:
+                self._bad[i] = where
+                count = len(self._bad)
+            logging.warning("skipping bad example (%d so far): %s", count, e)
             return None
 
     def iterate(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Batch]]:

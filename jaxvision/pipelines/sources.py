@@ -14,13 +14,16 @@ Sources:
 - `digits`: scikit-learn's bundled 8x8 handwritten digits, the data set that needs no download.
 - `image_folder`: a `SPLIT/CLASS/*.{jpg,jpeg,png}` tree, as a directory or a tar archive
   (the shared `cifar10-jpeg.tar.xz` is one), decoded once with Pillow and cached as `.npz`.
+- `image_files`: the same tree, each file decoded when it is read (`ImageFiles`), for the host
+  loader: bad files are met during training, where `HostLoader(on_bad=...)` handles them.
 - `tfds_source`: a tfds data set prepared as array_record, read without TensorFlow.
 - `load`: one entry point for an experiment's `data` string ("digits", "tfds:NAME" or a path).
 - `as_arrays`: any source read into an ArraySource, for the on-device loader.
 
 Bad data fails loudly: `BadExampleError` names the file (or `name[index]`) and says what was
 expected and what was found. `image_folder(..., on_bad="skip")` drops bad files instead, and
-reports how many and which.
+reports how many and which. Grayscale and RGBA images count as bad (the sources promise RGB):
+see `image_folder`.
 """
 from __future__ import annotations
 
@@ -45,8 +48,9 @@ from PIL import Image
 from tqdm import tqdm
 
 __all__ = [
-    "ArraySource", "BadExampleError", "DatasetNotPreparedError", "TfdsSource", "as_arrays",
-    "default_cache_dir", "digits", "image_folder", "load", "tfds_source", "validate_example",
+    "ArraySource", "BadExampleError", "DatasetNotPreparedError", "ImageFiles", "TfdsSource",
+    "as_arrays", "default_cache_dir", "digits", "image_files", "image_folder", "load",
+    "tfds_source", "validate_example",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +68,14 @@ _SKIPPED_SHOWN = 5
 
 
 class BadExampleError(ValueError):
-    """An example that is not what the pipeline expects; the message names where it came from."""
+    """An example that is not what the pipeline expects; the message names where it came from.
+
+    `where`: that name alone (a file path, "archive:member" or "name[index]"), for reports.
+    """
+
+    def __init__(self, message: str, *, where: str | None = None):
+        super().__init__(message)
+        self.where = where
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -85,19 +96,20 @@ def validate_example(example: Any, *, where: str, image_shape: Sequence[int | No
     """
     if not isinstance(example, Mapping) or "image" not in example or "label" not in example:
         raise BadExampleError(f"{where}: a dict with 'image' and 'label' expected, got "
-                              f"{type(example).__name__} {_keys(example)}")
+                              f"{type(example).__name__} {_keys(example)}", where=where)
     image = example["image"]
     if not isinstance(image, np.ndarray):
         raise BadExampleError(f"{where}: image as a numpy array expected, got "
-                              f"{type(image).__name__}")
+                              f"{type(image).__name__}", where=where)
     if image.dtype != np.uint8:
-        raise BadExampleError(f"{where}: image dtype uint8 expected, got {image.dtype}")
+        raise BadExampleError(f"{where}: image dtype uint8 expected, got {image.dtype}",
+                              where=where)
     if image.ndim != 3:
         raise BadExampleError(f"{where}: image of rank 3 (H, W, C) expected, got shape "
-                              f"{image.shape}")
+                              f"{image.shape}", where=where)
     if image_shape is not None and not _shape_matches(image.shape, image_shape):
         raise BadExampleError(f"{where}: image shape {tuple(image_shape)} expected, got "
-                              f"{image.shape}")
+                              f"{image.shape}", where=where)
     _check_label(example["label"], where=where, num_classes=num_classes)
 
 
@@ -115,9 +127,10 @@ def _check_label(label: Any, *, where: str, num_classes: int | None) -> None:
     # bool is an int subclass in Python, but a True label is almost surely a bug upstream.
     if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
         raise BadExampleError(f"{where}: integer label expected, got {label!r} "
-                              f"({type(label).__name__})")
+                              f"({type(label).__name__})", where=where)
     if num_classes is not None and not 0 <= label < num_classes:
-        raise BadExampleError(f"{where}: label in [0, {num_classes}) expected, got {label}")
+        raise BadExampleError(f"{where}: label in [0, {num_classes}) expected, got {label}",
+                              where=where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,8 +320,13 @@ def image_folder(path: str | os.PathLike, split: str, *, on_bad: str = "raise",
       start with "./" or sit inside one top-level folder); an archive is read in one pass.
     Returns images uint8 (N, H, W, 3), labels int64 (N,) = index of the class in the sorted class
       names (the split's class directories that hold images), in sorted path order.
-    on_bad: "raise" stops at the first bad file with a BadExampleError naming it; "skip" leaves
-      bad files out, logs a warning and lists them in `.skipped`.
+    on_bad: "raise" decodes the split, then stops with a BadExampleError naming the first bad
+      file in sorted path order (and how many others there are); "skip" leaves bad files out,
+      logs a warning and lists them in `.skipped`. Bad: empty, undecodable or truncated files,
+      modes other than RGB (grayscale "L", "RGBA", palette "P", ...: the split is declared RGB
+      and a silent conversion would hide a broken collection step; convert such files on purpose
+      with `Image.convert("RGB")` before training), and images whose size differs from the
+      split's most common size.
     max_per_class: keep only the first N files of every class (in sorted order): smoke runs.
     cache_dir: where decoded arrays are cached (default $JAXVISION_CACHE or ~/.cache/jaxvision);
       the key covers the archive's bytes (a directory's paths, sizes and mtimes), the split, on_bad
@@ -456,7 +474,8 @@ def _choose_root(path: Path, splits: dict[str, set[str]]) -> str:
 def _decode_image(data: bytes, where: str) -> np.ndarray:
     """JPEG or PNG bytes -> uint8 (H, W, 3). BadExampleError naming `where` if they are not that."""
     if not data:
-        raise BadExampleError(f"{where}: empty file (0 bytes), expected a JPEG or PNG image")
+        raise BadExampleError(f"{where}: empty file (0 bytes), expected a JPEG or PNG image",
+                              where=where)
     try:
         with Image.open(io.BytesIO(data)) as img:
             # open() reads only the header; load() decodes every byte, so a truncated or corrupt
@@ -467,9 +486,9 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     # depending on the codec and where the bytes break: any failure here means "not decodable".
     except Exception as e:  # noqa: BLE001
         raise BadExampleError(f"{where}: cannot decode ({type(e).__name__}: {e}), expected a "
-                              f"complete JPEG or PNG image") from e
+                              f"complete JPEG or PNG image", where=where) from e
     if mode != "RGB":
-        raise BadExampleError(f"{where}: mode {mode}, expected RGB")
+        raise BadExampleError(f"{where}: mode {mode}, expected RGB", where=where)
     return array
 
 
@@ -479,25 +498,36 @@ def _decode_files(files: list[_File], *, on_bad: str, name: str) -> _Decoded:
     class_names = sorted({f.class_name for f in files})
     label_of = {c: i for i, c in enumerate(class_names)}
     good: list[tuple[_File, np.ndarray]] = []
-    skipped: list[str] = []
     progress = tqdm(files, desc=f"decoding {name}", unit="img",
                     disable=True if len(files) <= _PROGRESS_MIN_IMAGES else None)
+    errors: list[BadExampleError] = []
     for f in progress:
         try:
             good.append((f, _decode_image(_read_bytes(f.data), f.where)))
-        except BadExampleError:
-            if on_bad == "raise":
-                raise
-            skipped.append(f.where)
+        except BadExampleError as e:
+            errors.append(e)
     good, wrong_size = _split_by_size(good)
-    if wrong_size and on_bad == "raise":
-        raise wrong_size[0]
-    skipped = sorted(skipped + [e.where for e in wrong_size])
+    # Both kinds in path order: an image of the wrong size can sort before an undecodable one.
+    errors = sorted(errors + wrong_size, key=lambda e: e.where)
+    if errors and on_bad == "raise":
+        raise _first_of(errors)
+    skipped = [e.where for e in errors]
     if not good:
         raise ValueError(f"{name}: all {len(files)} images are bad: {skipped[:_SKIPPED_SHOWN]}")
     return _Decoded(images=np.stack([img for _, img in good]),
                     labels=np.asarray([label_of[f.class_name] for f, _ in good], np.int64),
                     class_names=class_names, skipped=skipped)
+
+
+def _first_of(errors: list[BadExampleError]) -> BadExampleError:
+    """The first bad file's error, its message extended with how many others there are."""
+    first = errors[0]
+    if len(errors) == 1:
+        return first
+    others = [e.where for e in errors[1:]]
+    shown = ", ".join(others[:_SKIPPED_SHOWN]) + (", ..." if len(others) > _SKIPPED_SHOWN else "")
+    return BadExampleError(f"{first} [the first of {len(errors)} bad files in path order; the "
+                           f"others: {shown}; on_bad='skip' leaves them out]", where=first.where)
 
 
 def _read_bytes(data: bytes | Path) -> bytes:
@@ -507,8 +537,8 @@ def _read_bytes(data: bytes | Path) -> bytes:
 class _WrongSize(BadExampleError):
     def __init__(self, where: str, expected: tuple[int, int], found: tuple[int, int]):
         (eh, ew), (h, w) = expected, found
-        super().__init__(f"{where}: size {ew}x{eh} expected, got {w}x{h} (width x height)")
-        self.where = where
+        super().__init__(f"{where}: size {ew}x{eh} expected, got {w}x{h} (width x height)",
+                         where=where)
 
 
 def _split_by_size(decoded: list[tuple[_File, np.ndarray]]
@@ -531,6 +561,94 @@ def _split_by_size(decoded: list[tuple[_File, np.ndarray]]
 def _warn_skipped(name: str, skipped: list[str], kept: int) -> None:
     shown = ", ".join(skipped[:_SKIPPED_SHOWN]) + (", ..." if len(skipped) > _SKIPPED_SHOWN else "")
     logger.warning("%s: skipped %d bad image(s), kept %d: %s", name, len(skipped), kept, shown)
+
+
+# Decoded when read -------------------------------------------------------------------------------
+
+
+class ImageFiles:
+    """The image files of one split, each decoded when it is read: `src[i]` decodes file i.
+
+    For the host loader: nothing is decoded up front (no cache, no wait), and a bad file is met
+    when a batch needs it, during training. `src[i]` raises a BadExampleError naming the file, by
+    the same rules as `image_folder` (empty, undecodable, not RGB, or not `image_shape`), which
+    `HostLoader(on_bad="skip")` turns into a masked row. Files keep `image_folder`'s order and
+    labels (sorted paths; label = index of the class in the sorted class names). Archive members
+    are held in memory as their encoded bytes (55 MB for the shared CIFAR-10 archive); the files
+    of a directory are read from disk on each access.
+    """
+
+    def __init__(self, files: list[_File], *, name: str, image_size: tuple[int, int]):
+        self._files = sorted(files, key=lambda f: f.relpath)
+        self.class_names = sorted({f.class_name for f in self._files})
+        label_of = {c: i for i, c in enumerate(self.class_names)}
+        self._labels = [label_of[f.class_name] for f in self._files]
+        self.name = name
+        self.num_classes = len(self.class_names)
+        self.image_shape = (*image_size, 3)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def where(self, i: int) -> str:
+        """The file of example i, as errors and skip reports name it."""
+        return self._files[i].where
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        """-> {"image": uint8 (H, W, 3), "label": np.int64 scalar}; BadExampleError naming the
+        file if it is not an RGB image of `image_shape`."""
+        f = self._files[i]
+        image = _decode_image(_read_bytes(f.data), f.where)
+        if image.shape[:2] != self.image_shape[:2]:
+            raise _WrongSize(f.where, self.image_shape[:2], image.shape[:2])
+        return {"image": image, "label": np.int64(self._labels[i])}
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({self.name!r}, {len(self)} files, {self.image_shape})"
+
+
+# Files decoded to find the common image size when `image_files` is not told it.
+_SIZE_PROBES = 32
+
+
+def image_files(path: str | os.PathLike, split: str, *, max_per_class: int | None = None,
+                image_size: tuple[int, int] | None = None) -> ImageFiles:
+    """The files of `path/SPLIT/CLASS/*.{jpg,jpeg,png}` (a directory or a tar archive, as for
+    `image_folder`), decoded one at a time when read: see `ImageFiles`.
+
+    image_size: (H, W) every image must have. None: the most common size among up to 32 files
+      spread evenly over the split (bad files among them are passed over), so one odd file
+      cannot set it, as in `image_folder`.
+    """
+    _check_max_per_class(max_per_class)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"image folder or archive not found: {path}")
+    if path.is_dir():
+        files = _list_directory(path, split, max_per_class)
+    elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        files = _scan_archive(path, split, max_per_class)
+    else:
+        raise ValueError(f"{path}: a directory or a {'/'.join(ARCHIVE_SUFFIXES)} archive expected")
+    name = f"{path.name}:{split}"
+    if image_size is None:
+        image_size = _probe_size(sorted(files, key=lambda f: f.relpath), name=name)
+    return ImageFiles(files, name=name, image_size=tuple(image_size))
+
+
+def _probe_size(files: list[_File], *, name: str) -> tuple[int, int]:
+    """The most common (H, W) among up to `_SIZE_PROBES` evenly spread files that decode."""
+    picks = np.unique(np.linspace(0, len(files) - 1, min(_SIZE_PROBES, len(files))).astype(int))
+    sizes: collections.Counter = collections.Counter()
+    for i in picks:
+        try:
+            sizes[_decode_image(_read_bytes(files[i].data), files[i].where).shape[:2]] += 1
+        except BadExampleError:
+            continue
+    if not sizes:
+        raise ValueError(f"{name}: none of the {len(picks)} files probed for the image size "
+                         f"decodes as an RGB image; pass image_size=(H, W)")
+    return sizes.most_common(1)[0][0]
 
 
 # Cache -------------------------------------------------------------------------------------------

@@ -5,16 +5,26 @@
 
 Periodic actions (every `log_every`, `eval_every`, `ckpt_every` steps, and always at the end):
 - log: fetch the steps' metrics since the last fetch (one host sync), stop with `NonFiniteError`
-  naming the first step whose loss or gradient norm is NaN/Inf, append one JSON object to
-  `WORKDIR/metrics.jsonl` (and TensorBoard), update the progress bar;
+  naming the first step whose loss or gradient norm is NaN/Inf and the range of steps checked
+  together, append one JSON object to `WORKDIR/metrics.jsonl` (and TensorBoard), update the
+  progress bar;
 - evaluate: call `evaluate(state)` and log its dict under "eval/";
-- checkpoint: save the state and the loader's position (async), after the finiteness check.
+- checkpoint: save the state and the loader's position (async), after the finiteness check; a
+  non-finite state is never saved (`checkpoint.Checkpointer.save` refuses it).
 At the end: the final checkpoint is written and waited for, and `WORKDIR/summary.json` holds the
 final metrics, the config, the git commit and the package versions.
 
-Rerunning the same command with the same workdir resumes from the latest checkpoint: the state,
-its RNG and the data position are restored, so the run continues bit for bit. SIGTERM (a
-preemption notice) saves at the next step boundary and exits with `Preempted`.
+Rerunning the same command with the same workdir resumes from the latest intact checkpoint
+(damaged steps are moved aside, see `jaxvision.checkpoint`): the state, its RNG and the data
+position are restored, so the run continues bit for bit. SIGTERM (a preemption notice) saves at
+the next step boundary and exits with `Preempted`. A checkpoint that cannot be written stops
+the run with `checkpoint.CheckpointWriteError` at the next save or at the end.
+
+`skip_nonfinite=True` keeps training through non-finite updates: a step whose loss, gradient
+norm or new state is NaN/Inf leaves params, optimizer state and batch statistics unchanged,
+while the step counter, the RNG and the data position advance as usual (so a resumed run sees
+the same batches). Skipped steps are counted: `train/skipped` per logged interval in
+metrics.jsonl, `skipped_steps` in summary.json (kept across resumes in the checkpoint).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -56,7 +67,7 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
         evaluate: Callable[[dict], dict] | None = None, log_every: int = 50,
         eval_every: int = 0, ckpt_every: int = 0, keep_checkpoints: int = 3,
         config: Any = None, tensorboard: bool = False,
-        progress: bool | None = None) -> tuple[dict, dict]:
+        progress: bool | None = None, skip_nonfinite: bool = False) -> tuple[dict, dict]:
     """Trains `state` for `steps` updates of `train_step` on `loader`'s batches.
 
     train_step: `(state, batch) -> (state, metrics)`, unjitted; jitted here with the state
@@ -66,6 +77,8 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
     evaluate: `state -> dict of floats`, run every `eval_every` steps (0: only at the end).
     ckpt_every: 0 saves only at the end.
     progress: show a tqdm bar (None: only on a terminal).
+    skip_nonfinite: skip (and count) non-finite updates instead of stopping; see the module
+      docstring.
     Returns the final state and the summary dict (also written to `WORKDIR/summary.json`).
     """
     is_main = jax.process_index() == 0
@@ -75,16 +88,20 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
     writer = MetricWriter(workdir, tensorboard=tensorboard, enabled=is_main)
     t_start = time.time()
     try:
-        state, start = _restore_or_start(checkpointer, state, loader)
+        state, start, saved_data = _restore_or_start(checkpointer, state, loader)
         writer.truncate_after(start)
         if start:
             _print(is_main, f"resumed from {checkpointer.directory}/{start}")
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        if skip_nonfinite:
+            train_step = skipping_nonfinite(train_step)
         step_fn = jax.jit(train_step, donate_argnums=0,
                           out_shardings=(state_shardings, shd.replicated(loader.mesh)))
 
         meter = _Meter(writer, batch_size=loader.batch_size)
         meter.last_saved = start or None
+        meter.last_checked = start
+        meter.skipped_total = int(saved_data.get("skipped_steps", 0))
         last_eval: dict = {}
         # tqdm's disable=None: a bar on a terminal only, so CI logs stay readable.
         disable = True if (not is_main or progress is False) else (False if progress else None)
@@ -103,7 +120,7 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
                 final = step == steps
                 if step % log_every == 0 or final or preempted.is_set():
                     meter.log(step)
-                    bar.set_postfix(loss=f"{meter.last['loss']:.4f}",
+                    bar.set_postfix(loss=f"{meter.last.get('loss', math.nan):.4f}",
                                     img_s=f"{meter.last.get('images_per_s', 0):.0f}")
                 if evaluate is not None and (final or (eval_every and step % eval_every == 0)):
                     meter.check()
@@ -115,7 +132,19 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
                     meter.restart_clock()  # evaluation time is not training throughput
                 if final or preempted.is_set() or (ckpt_every and step % ckpt_every == 0):
                     meter.check()  # a non-finite step raises here, before anything is saved
-                    checkpointer.save(step, state, {"loader": loader.state_dict(step)})
+                    data = {"loader": loader.state_dict(step)}
+                    if skip_nonfinite:
+                        data["skipped_steps"] = meter.skipped_total
+                    try:
+                        checkpointer.save(step, state, data)
+                    except NonFiniteError as e:
+                        # Finite metrics up to here, yet a NaN/Inf state (e.g. the last update
+                        # overflowed): it appeared in the steps since the last save.
+                        raise NonFiniteError(
+                            f"{e} (it became non-finite within steps "
+                            f"{(meter.last_saved or 0) + 1}-{step}, whose loss and gradient "
+                            f"norm were finite). Last good checkpoint: step "
+                            f"{meter.last_saved}.") from None
                     meter.last_saved = step
                 if preempted.is_set():
                     checkpointer.wait()
@@ -126,12 +155,13 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
         if start >= steps and evaluate is not None:  # already finished: report, don't retrain
             last_eval = evaluate(state)
         checkpointer.close()  # waits: the final checkpoint is on disk before we return
-    except BaseException:
+    except BaseException as original:
         # Pending good saves still complete; their errors must not hide the original one.
         try:
             checkpointer.close()
         except Exception as e:  # noqa: BLE001
-            logging.error("checkpoint close failed while handling another error: %s", e)
+            if e is not original:  # a failed write is raised again by close: say it once
+                logging.error("checkpoint close failed while handling another error: %s", e)
         writer.close()
         raise
     summary = {
@@ -139,6 +169,7 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
         "resumed_from": int(start) if start else None,
         "train": meter.last,
         "eval": last_eval,
+        "skipped_steps": meter.skipped_total,
         "wall_time_s": time.time() - t_start,
         **writer.notes,
         "config": _config_dict(config),
@@ -162,6 +193,8 @@ class _Meter:
         self.fetched: list[dict] = []  # checked host values since the last log
         self.last: dict[str, float] = {}  # the last logged means
         self.last_saved: int | None = None
+        self.last_checked = 0  # steps up to this one had finite metrics
+        self.skipped_total = 0  # updates skipped by `skip_nonfinite`, over the whole run
         self.restart_clock()
 
     def add(self, step: int, metrics: dict) -> None:
@@ -176,45 +209,81 @@ class _Meter:
         self.clock, self.steps_timed = now, 0
 
     def check(self) -> None:
-        """Fetches pending metrics (one host sync); raises on the first non-finite step."""
+        """Fetches pending metrics (one host sync); raises on the first non-finite step.
+
+        Steps that `skipping_nonfinite` skipped (metric "skipped" = 1) are counted, not raised.
+        """
         if not self.pending:
             return
         values = jax.device_get([m for _, m in self.pending])
+        first, last = self.pending[0][0], self.pending[-1][0]
         for (step, _), m in zip(self.pending, values):
+            if m.get("skipped", 0):
+                self.skipped_total += 1
+                continue
             bad = [k for k in _MUST_BE_FINITE if k in m and not math.isfinite(float(m[k]))]
             if bad:
                 raise NonFiniteError(
                     f"non-finite {' and '.join(bad)} at step {step} "
-                    f"({', '.join(f'{k}={float(m[k])}' for k in bad)}); the state after it is "
-                    f"not saved. Last good checkpoint: step {self.last_saved}.")
+                    f"({', '.join(f'{k}={float(m[k])}' for k in bad)}), the first such step of "
+                    f"steps {first}-{last} (checked together; steps up to {self.last_checked} "
+                    f"were finite). The state after it is not saved. Last good checkpoint: "
+                    f"step {self.last_saved}.")
         self.fetched += values
         self.pending.clear()
+        self.last_checked = last
 
     def log(self, step: int) -> None:
         """Checks, then writes the mean of every metric since the last log, and images/s."""
         self.check()
         if not self.fetched:
             return
-        mean = {k: float(np.mean([m[k] for m in self.fetched])) for k in self.fetched[0]}
+        # Skipped steps' losses are NaN: the means are over the steps that updated the state.
+        kept = [m for m in self.fetched if not m.get("skipped", 0)]
+        mean = {k: float(np.mean([m[k] for m in kept])) for k in self.fetched[0]
+                if k != "skipped" and kept}
+        if "skipped" in self.fetched[0]:
+            mean["skipped"] = float(sum(int(m["skipped"]) for m in self.fetched))
         self.fetched.clear()
         if self.steps_timed:
             mean["images_per_s"] = self.steps_timed * self.batch_size / (time.time() - self.clock)
         self.restart_clock()
         self.writer.write(step, {f"train/{k}": v for k, v in mean.items()})
-        self.last = mean
+        self.last = mean if kept else {**self.last, **mean}  # all skipped: keep the last means
 
 
-def _restore_or_start(checkpointer, state, loader) -> tuple[dict, int]:
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return state, 0
-    restored, data = checkpointer.restore(latest, state)
+def skipping_nonfinite(train_step: Callable) -> Callable:
+    """Wraps `train_step` so that a non-finite update leaves the state as it was.
+
+    The update counts as non-finite if a metric of `_MUST_BE_FINITE` or any floating leaf of the
+    new state is NaN/Inf. Then every leaf keeps its old value except "step" and "rng", which
+    take the new ones (the step counter, the step's randomness and the loader's position stay
+    in lockstep). Adds the metric "skipped" (int32 0/1). Still one jitted function: the choice
+    is a `jnp.where` per leaf, no host sync.
+    """
+    def step(state, batch):
+        new, metrics = train_step(state, batch)
+        watched = {k: metrics[k] for k in _MUST_BE_FINITE if k in metrics}
+        ok = jnp.logical_and(ckpt_lib.all_finite(watched), ckpt_lib.all_finite(new))
+        kept = {k: (v if k in ("step", "rng") else
+                    jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, state[k]))
+                for k, v in new.items()}
+        return kept, {**metrics, "skipped": jnp.logical_not(ok).astype(jnp.int32)}
+
+    return step
+
+
+def _restore_or_start(checkpointer, state, loader) -> tuple[dict, int, dict]:
+    found = checkpointer.restore_latest(state)
+    if found is None:
+        return state, 0, {}
+    latest, restored, data = found
     position = loader.position_from(data["loader"])
     saved_step = int(jax.device_get(restored["step"]))
     if not position == saved_step == latest:
         raise ValueError(f"checkpoint {checkpointer.directory}/{latest} is inconsistent: "
                          f"state step {saved_step}, data position {position}")
-    return restored, latest
+    return restored, latest, data
 
 
 class _SigtermFlag:
@@ -338,9 +407,10 @@ def fit_classifier(*, model, tx, schedule, preprocess, loss_fn, train_loader, ev
 
     Evaluation runs `eval_loader`'s first epoch (use `shuffle=False, drop_remainder=False`, so
     every example counts once). `run_kwargs` go to `run` (log_every, eval_every, ckpt_every,
-    keep_checkpoints, config, tensorboard, progress). `mix` and `loss_takes_acts` go to
-    `train.make_classifier_step` (mixup/cutmix; losses that read the activations, such as
-    `googlenet.googlenet_loss`, which trains GoogLeNet's auxiliary classifiers).
+    keep_checkpoints, config, tensorboard, progress, skip_nonfinite). `mix` and
+    `loss_takes_acts` go to `train.make_classifier_step` (mixup/cutmix; losses that read the
+    activations, such as `googlenet.googlenet_loss`, which trains GoogLeNet's auxiliary
+    classifiers).
     """
     state = train.create_train_state(model=model, tx=tx, seed=seed, input_shape=input_shape,
                                      mesh=train_loader.mesh, fsdp=fsdp)

@@ -9,6 +9,8 @@ every shape. Notation used in the shape comments:
 Pieces, smallest first:
   - `attention_weights(q, k, *, mask)`: softmax(Q K^T / sqrt(Dh)) in float32, `[B, H, N, M]`.
   - `dot_product_attention(q, k, v, *, mask) -> (out, weights)`: the above applied to V.
+  - `fused_attention(q, k, v, *, mask, implementation) -> out`: the same function through
+    `jax.nn.dot_product_attention` (XLA's or cuDNN's fused kernel), without the weights.
   - `MultiHeadAttention`: Q/K/V projections, per-head attention, output projection.
   - `MlpBlock`: Dense(D -> mlp_dim), GELU, dropout, Dense(mlp_dim -> D), dropout.
   - `EncoderBlock`: x + attn(LN(x)); x + mlp(LN(x)), with dropout and stochastic depth.
@@ -20,6 +22,15 @@ meaning something else.
 
 Randomness (dropout, attention dropout, stochastic depth) uses the "dropout" rng, and only when
 `train=True`.
+
+`attention_impl` (every module below, default "explicit"): "explicit" is the written-out
+attention above, which also returns the weights; "xla", "cudnn" and "auto" compute the same
+function with `jax.nn.dot_product_attention`, which never materialises the float32 weights
+for the caller: "cudnn" is cuDNN's fused flash attention (GPU, bfloat16/float16 only), "auto"
+picks "cudnn" where it applies (a GPU backend, 16-bit inputs, head width a multiple of 8 up to
+128) and "xla" elsewhere. The fused forms take no attention dropout and cannot return the
+weights (`keep_attention`): both raise. For training speed on GPUs (issue 6: ViT-B/16
+throughput depends on the attention kernel); the parameters are the same whichever is used.
 
 Initialisation follows the original JAX ViT (google-research/vision_transformer,
 vit_jax/models_vit.py): xavier-uniform kernels for attention and MLP, zero attention biases,
@@ -88,6 +99,19 @@ def attention_weights(
     return jax.nn.softmax(logits, axis=-1)
 
 
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn", "auto")
+
+
+def _check_impl(impl: str, *, attention_dropout: float = 0.0) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "explicit" and attention_dropout:
+        raise ValueError(
+            f"attention_dropout={attention_dropout} needs attention_impl='explicit': the fused "
+            f"attention ({impl!r}) never forms the weights that dropout would drop"
+        )
+
+
 def _attend(weights: jax.Array, v: jax.Array) -> jax.Array:
     # (B, H, N, M), (B, M, H, Dh) -> (B, N, H, Dh), in v's dtype.
     return jnp.einsum("bhnm,bmhd->bnhd", weights.astype(v.dtype), v)
@@ -111,6 +135,45 @@ def dot_product_attention(
     return _attend(weights, v), weights
 
 
+def _cudnn_applies(q: jax.Array) -> bool:
+    # cuDNN's fused attention: NVIDIA GPUs, 16-bit inputs, head width a multiple of 8 and at most
+    # 128 (256 on Hopper; 128 is the limit on every GPU, see jax's check_is_flash_attention).
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """`dot_product_attention`'s output through `jax.nn.dot_product_attention`, no weights.
+
+    Args:
+      q: `[B, N, H, Dh]` queries.
+      k: `[B, M, H, Dh]` keys.
+      v: `[B, M, H, Dh]` values (the fused kernels want Dv = Dh).
+      mask: optional boolean `[B|1, H|1, N, M]`, True where query n may attend to key m.
+      implementation: "xla" (jax's reference: logits accumulated and softmax computed in
+        float32, as `attention_weights`), "cudnn" (cuDNN flash attention, GPU only, 16-bit
+        inputs), or "auto" ("cudnn" where it applies, else "xla").
+
+    Returns:
+      `[B, N, H, Dh]` in v's dtype: equal to `dot_product_attention(q, k, v, mask=mask)[0]` up
+      to rounding (the same float32 softmax; with 16-bit inputs the probabilities are rounded
+      to the input dtype before the product with V, as `_attend` does).
+    """
+    _check_impl(implementation)
+    if implementation == "explicit":
+        raise ValueError('fused_attention takes "xla", "cudnn" or "auto"; the explicit form is '
+                         "dot_product_attention")
+    if implementation == "auto":
+        implementation = "cudnn" if _cudnn_applies(q) else "xla"
+    if mask is not None:
+        # The same checks as the explicit form (boolean, 4 dims), broadcast to [B, H, N, M].
+        mask = _check_mask(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: project to H heads, attend per head, concatenate, project back.
 
@@ -121,12 +184,15 @@ class MultiHeadAttention(nn.Module):
       use_bias: biases on the Q/K/V projections. The published ViT counts (timm, torchvision)
         include them: without them ViT-B/16 has 27,648 parameters fewer.
       dtype: computation dtype of the projections and products (softmax is float32 always).
+      attention_impl: "explicit" (default), "xla", "cudnn" or "auto" (see the module
+        docstring); the fused forms return `None` for the weights.
     """
 
     num_heads: int
     attention_dropout: float = 0.0
     use_bias: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "explicit"
 
     @nn.compact
     def __call__(
@@ -140,8 +206,10 @@ class MultiHeadAttention(nn.Module):
         """Args: x `[B, N, D]` queries' tokens; kv `[B, M, D]` tokens to attend to (default x:
         self-attention); mask boolean `[B|1, H|1, N, M]`.
 
-        Returns `(out [B, N, D], weights [B, H, N, M] float32)`.
+        Returns `(out [B, N, D], weights [B, H, N, M] float32)`; weights are `None` with a
+        fused `attention_impl`.
         """
+        _check_impl(self.attention_impl, attention_dropout=self.attention_dropout)
         kv = x if kv is None else kv
         b, n, d = x.shape
         m = kv.shape[1]
@@ -162,9 +230,13 @@ class MultiHeadAttention(nn.Module):
         q = project(x, n, "query")  # (B, N, H, Dh)
         k = project(kv, m, "key")  # (B, M, H, Dh)
         v = project(kv, m, "value")  # (B, M, H, Dh)
-        weights = attention_weights(q, k, mask=mask)  # (B, H, N, M) float32
-        dropped = nn.Dropout(self.attention_dropout, deterministic=not train)(weights)
-        out = _attend(dropped, v)  # (B, N, H, Dh)
+        if self.attention_impl == "explicit":
+            weights = attention_weights(q, k, mask=mask)  # (B, H, N, M) float32
+            dropped = nn.Dropout(self.attention_dropout, deterministic=not train)(weights)
+            out = _attend(dropped, v)  # (B, N, H, Dh)
+        else:
+            weights = None
+            out = fused_attention(q, k, v, mask=mask, implementation=self.attention_impl)
         # Concatenate the heads and mix them: (B, N, H, Dh) -> (B, N, D) -> (B, N, D).
         out = jnp.reshape(out, (b, n, d))
         out = nn.Dense(
@@ -211,6 +283,7 @@ class EncoderBlock(nn.Module):
         2021): in training, each residual branch is dropped for a whole example with this
         probability, and scaled by 1/(1 - drop_path) otherwise.
       dtype: computation dtype.
+      attention_impl: see `MultiHeadAttention`.
     """
 
     num_heads: int
@@ -219,12 +292,14 @@ class EncoderBlock(nn.Module):
     attention_dropout: float = 0.0
     drop_path: float = 0.0
     dtype: Any = jnp.float32
+    attention_impl: str = "explicit"
 
     @nn.compact
     def __call__(
         self, x: jax.Array, *, train: bool, mask: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """Returns `(x [B, N, D], attention weights [B, H, N, N] float32)`."""
+        """Returns `(x [B, N, D], attention weights [B, H, N, N] float32, or None with a fused
+        attention_impl)`."""
         # Stochastic depth as dropout with one draw per example: broadcasting the keep mask over
         # the token and width axes (1, 2) drops the whole branch of that example.
         def drop_path():
@@ -233,7 +308,7 @@ class EncoderBlock(nn.Module):
         y = nn.LayerNorm(epsilon=_LN_EPSILON, dtype=self.dtype, name="norm_1")(x)
         y, weights = MultiHeadAttention(
             self.num_heads, attention_dropout=self.attention_dropout, dtype=self.dtype,
-            name="attention",
+            attention_impl=self.attention_impl, name="attention",
         )(y, train=train, mask=mask)
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
         x = x + drop_path()(y)
@@ -258,8 +333,10 @@ class Encoder(nn.Module):
       drop_path_rate: stochastic-depth rate of the last block; block i of L uses
         drop_path_rate * i / (L - 1), rising linearly from 0 (DeiT's and timm's schedule).
       keep_attention: also return every block's attention weights in `acts` (an extra
-        `[B, H, N, N]` float32 per block: off by default to save memory).
+        `[B, H, N, N]` float32 per block: off by default to save memory). Needs
+        `attention_impl="explicit"`.
       dtype: computation dtype.
+      attention_impl: see `MultiHeadAttention`.
     """
 
     depth: int
@@ -270,6 +347,7 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     keep_attention: bool = False
     dtype: Any = jnp.float32
+    attention_impl: str = "explicit"
 
     @nn.compact
     def __call__(
@@ -282,6 +360,12 @@ class Encoder(nn.Module):
           `[B, N, D]` (output of block i = 1..depth, before the final norm) and, with
           `keep_attention`, `acts["attention_i"]` `[B, H, N, N]` float32 (rows sum to 1).
         """
+        _check_impl(self.attention_impl, attention_dropout=self.attention_dropout)
+        if self.keep_attention and self.attention_impl != "explicit":
+            raise ValueError(
+                f"keep_attention=True needs attention_impl='explicit': the fused attention "
+                f"({self.attention_impl!r}) does not return the weights"
+            )
         acts = {}
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         for i in range(1, self.depth + 1):
@@ -292,6 +376,7 @@ class Encoder(nn.Module):
                 attention_dropout=self.attention_dropout,
                 drop_path=float(rates[i - 1]),
                 dtype=self.dtype,
+                attention_impl=self.attention_impl,
                 name=f"block_{i}",
             )(x, train=train, mask=mask)
             acts[f"block_{i}"] = x

@@ -47,6 +47,11 @@ class ViT(nn.Module):
       drop_path_rate: stochastic depth of the last block, linear from 0 over the blocks.
       keep_attention: return each block's attention weights as `acts["attention_i"]`.
       dtype: computation dtype.
+      attention_impl: "explicit" (default: the written-out attention), or "xla" / "cudnn" /
+        "auto" (`jax.nn.dot_product_attention`; "auto" is cuDNN's fused flash attention on a
+        GPU in bfloat16): the same function and parameters, meant for speed on GPUs
+        (`jaxvision.nets.transformer`; timed by benchmarks/throughput.py); no attention dropout
+        or `keep_attention` with them.
     """
 
     patch_size: int
@@ -61,6 +66,7 @@ class ViT(nn.Module):
     drop_path_rate: float = 0.0
     keep_attention: bool = False
     dtype: Any = jnp.float32
+    attention_impl: str = "explicit"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -124,6 +130,7 @@ class ViT(nn.Module):
             drop_path_rate=self.drop_path_rate,
             keep_attention=self.keep_attention,
             dtype=self.dtype,
+            attention_impl=self.attention_impl,
             name="encoder",
         )(x, train=train)
         acts.update(encoder_acts)

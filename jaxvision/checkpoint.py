@@ -259,6 +259,11 @@ class Checkpointer:
             self._fail(e, step)
         self._pending = step
 
+    def reached_preemption(self, step: int) -> bool:
+        """Several processes: True at the same step on every process once any received a
+        preemption notice (jax's preemption sync manager). Always False on one process."""
+        return bool(self._manager.reached_preemption(step))
+
     def wait(self) -> None:
         """Blocks until pending saves are written; raises CheckpointWriteError if one failed."""
         self._settle()
@@ -381,8 +386,12 @@ class Checkpointer:
         return target
 
     def check_structure(self, step: int, like: Any) -> None:
-        """Raises StructureMismatchError naming each key path whose presence or shape differs
-        on disk (DamagedCheckpointError if the step's metadata cannot be read)."""
+        """Raises StructureMismatchError naming each key path whose presence, shape or dtype
+        differs on disk (DamagedCheckpointError if the step's metadata cannot be read).
+
+        A dtype change is refused rather than cast: restoring float32 parameters into a
+        bfloat16 state would silently drop bits, and the resumed run would not be the run
+        that was saved."""
         where = self.step_path(step)
         try:
             metadata = self._manager.item_metadata(step)["state"]
@@ -403,9 +412,12 @@ class Checkpointer:
                 problems.append(f"{path}: in the checkpoint, not in this run's state")
             elif path not in saved:
                 problems.append(f"{path}: in this run's state, not in the checkpoint")
-            elif saved[path] != mine[path]:
-                problems.append(f"{path}: shape {saved[path]} in the checkpoint, "
-                                f"{mine[path]} in this run's state")
+            elif saved[path][0] != mine[path][0]:
+                problems.append(f"{path}: shape {saved[path][0]} in the checkpoint, "
+                                f"{mine[path][0]} in this run's state")
+            elif saved[path][1] != mine[path][1]:
+                problems.append(f"{path}: dtype {saved[path][1]} in the checkpoint, "
+                                f"{mine[path][1]} in this run's state")
         if problems:
             raise StructureMismatchError(
                 f"checkpoint {where} does not match this run's state (a changed "
@@ -439,9 +451,11 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
 
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key path: (shape, dtype name)} of every array-like leaf."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_str(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")}
+    return {_path_str(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+            for path, leaf in flat if hasattr(leaf, "shape")}
 
 
 def _path_str(path) -> str:

@@ -106,12 +106,13 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
         # tqdm's disable=None: a bar on a terminal only, so CI logs stay readable.
         disable = True if (not is_main or progress is False) else (False if progress else None)
         bar = tqdm(total=steps, initial=start, disable=disable, unit="step", dynamic_ncols=True)
-        preempted = _SigtermFlag()
+        preempted = _Preemption(checkpointer)
         step = start
         with preempted:
             for b, batch in loader.iterate(start, steps):
                 state, metrics = step_fn(state, batch)
                 step = b + 1
+                preempted.check(step)  # a preemption notice: save this step and stop
                 meter.add(step, metrics)
                 bar.update(1)
                 if step == start + 1:  # the first step pays compilation: time it apart
@@ -170,6 +171,7 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
         "train": meter.last,
         "eval": last_eval,
         "skipped_steps": meter.skipped_total,
+        **_skipped_examples(loader),
         "wall_time_s": time.time() - t_start,
         **writer.notes,
         "config": _config_dict(config),
@@ -180,6 +182,18 @@ def run(*, state: dict, train_step: Callable, loader, steps: int, workdir: str,
             json.dump(summary, f, indent=2, default=str)
     writer.close()
     return state, summary
+
+
+def _skipped_examples(loader) -> dict:
+    """The bad examples a `HostLoader` in skip mode met in this run (summed over processes);
+    the first 100 of process 0's by name. Empty for loaders that cannot skip."""
+    if not hasattr(loader, "num_skipped"):
+        return {}
+    count = loader.num_skipped
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        count = int(np.sum(multihost_utils.process_allgather(np.array(count))))
+    return {"skipped_examples": {"count": int(count), "first": loader.skipped[:100]}}
 
 
 class _Meter:
@@ -286,18 +300,36 @@ def _restore_or_start(checkpointer, state, loader) -> tuple[dict, int, dict]:
     return restored, latest, data
 
 
-class _SigtermFlag:
-    """Context manager: while active, SIGTERM sets a flag instead of killing the process."""
+class _Preemption:
+    """Context manager: while active, a preemption notice (SIGTERM) is noticed at a step boundary
+    instead of killing the process. `check(step)` is called once per step, on every process.
 
-    def __init__(self):
+    One process: our own SIGTERM handler sets a flag (orbax's preemption check is always False
+    without `jax.distributed`; see the shared NOTES).
+    Several processes: every host must save the same step, or the collective save hangs. jax's
+    preemption sync manager (started by `jax.distributed.initialize`) catches SIGTERM on any host,
+    spreads the notice to all, and `reached_preemption_sync_point(step)` turns True at the same
+    step everywhere; orbax's `CheckpointManager.reached_preemption` wraps it. A Python handler
+    would replace jax's, so none is installed then.
+    """
+
+    def __init__(self, checkpointer):
+        self._checkpointer = checkpointer
         self._event = threading.Event()
         self._previous = None
+        self._multi = jax.process_count() > 1
+
+    def check(self, step: int) -> bool:
+        if self._multi and not self._event.is_set():
+            if self._checkpointer.reached_preemption(step):
+                self._event.set()
+        return self._event.is_set()
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
         return self
 

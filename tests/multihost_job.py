@@ -34,6 +34,7 @@ from jaxvision.pipelines.loader import HostLoader  # noqa: E402
 from jaxvision.sharding import make_mesh  # noqa: E402
 
 BATCH = 16  # global batch
+SLOW_READ_S = float(os.environ.get("MULTIHOST_JOB_SLOW_READ_S", "0"))
 CKPT_EVERY = 5
 
 
@@ -57,6 +58,8 @@ class RecordingSource:
         return len(self.inner)
 
     def __getitem__(self, i):
+        if SLOW_READ_S:  # lets a test send a signal mid-run
+            time.sleep(SLOW_READ_S)
         self.reads.append(int(i))
         return self.inner[i]
 
@@ -84,9 +87,13 @@ def main(workdir: str, steps: int) -> None:
                                      mesh=mesh, fsdp=True)
     t_state = time.time() - T0 - t_init
     t_run = time.time()
-    state, summary = loop.run(state=state, train_step=step, loader=loader, steps=steps,
-                              workdir=workdir, ckpt_every=CKPT_EVERY, log_every=1,
-                              progress=False)
+    try:
+        state, summary = loop.run(state=state, train_step=step, loader=loader, steps=steps,
+                                  workdir=workdir, ckpt_every=CKPT_EVERY, log_every=1,
+                                  progress=False)
+    except loop.Preempted as e:
+        print(f"process {jax.process_index()}: preempted, saved step {e.step}", flush=True)
+        raise
     t_run = time.time() - t_run
     p = jax.process_index()
     kernel = state["params"]["conv_1_0"]["kernel"]

@@ -211,6 +211,8 @@ def test_skip_mode_trains_through_and_loses_no_good_example(data, tmp_path, capl
           f"final loss {summary['train']['loss']:.4f}")
     assert summary["step"] == steps and np.isfinite(summary["train"]["loss"])
     assert loader.num_skipped == n_bad
+    assert summary["skipped_examples"]["count"] == n_bad  # the run's record says so too
+    assert sorted(summary["skipped_examples"]["first"]) == sorted(loader.skipped)
     assert sorted(loader.skipped) == sorted(_where_folder(data, rel) for rel in data["bad"])
     # Every good image exactly once in the epoch, none lost, no bad (zeroed) row counted.
     assert collections.Counter(loader.seen[0]) == data["hashes"]

@@ -5,6 +5,7 @@ import signal
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,6 +116,11 @@ def test_restore_into_a_different_structure_names_the_key_path(tmp_path):
     with pytest.raises(ValueError, match=r"params\.conv_2_0\.kernel: in this run's state, not in "
                                          r"the checkpoint"):
         ckpt.restore(1, deeper)
+    # A dtype change is refused, not cast (a cast would resume a different run).
+    half = dict(state, params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), state["params"]))
+    with pytest.raises(ValueError, match=r"params\.conv_0_0\.kernel: dtype float32 in the "
+                                         r"checkpoint, bfloat16 in this run's state"):
+        ckpt.restore(1, half)
     ckpt.close()
 
 

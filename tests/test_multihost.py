@@ -18,7 +18,9 @@ test instead of blocking CI.
 """
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +44,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, *, processes: int, distributed: bool = True):
+def _launch(workdir: Path, *, processes: int, distributed: bool = True,
+            extra_env: dict | None = None):
     """Starts one run: `processes` processes with 4 // processes devices each. Returns the
     Popen objects and their log files."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +58,7 @@ def _launch(workdir: Path, *, processes: int, distributed: bool = True):
     base.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes} "
                           "--xla_backend_optimization_level=0")
+    base.update(extra_env or {})
     started = []
     for i in range(processes):
         env = dict(base)
@@ -69,8 +73,9 @@ def _launch(workdir: Path, *, processes: int, distributed: bool = True):
     return started
 
 
-def _wait(*runs) -> None:
-    """Waits for every process of `runs`; kills them all and fails if one hangs or fails."""
+def _wait(*runs, expect_rc: int = 0) -> None:
+    """Waits for every process of `runs`; kills them all and fails if one hangs or exits with
+    another code than `expect_rc`."""
     deadline = time.time() + TIMEOUT_S
     procs = [p for run in runs for p in run]
     try:
@@ -81,8 +86,8 @@ def _wait(*runs) -> None:
             proc.kill()
             proc.wait()
         pytest.fail(f"a run hung past {TIMEOUT_S} s:\n" + _tails(procs))
-    if any(proc.returncode for proc, _ in procs):
-        pytest.fail("a run failed:\n" + _tails(procs))
+    if any(proc.returncode != expect_rc for proc, _ in procs):
+        pytest.fail(f"a run did not exit with {expect_rc}:\n" + _tails(procs))
 
 
 def _tails(procs) -> str:
@@ -165,3 +170,31 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     assert {d.name for d in state_dir.glob("ocdbt.process_*")} == {"ocdbt.process_0",
                                                                    "ocdbt.process_1"}
     print(f"test took {time.time() - t0:.1f} s")
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bitwise(tmp_path):
+    """A preemption notice reaches one host only: both must save the same step (else the
+    collective save hangs), exit with 143, and the rerun must end where an uninterrupted run
+    does. jax's preemption sync manager spreads the notice (see `loop._Preemption`)."""
+    run, reference = tmp_path / "preempted", tmp_path / "reference"
+    ref_procs = _launch(reference, processes=1)
+    # Slow reads (20 ms an example, ~0.2 s a step) leave time to signal mid-run.
+    procs = _launch(run, processes=2, extra_env={"MULTIHOST_JOB_SLOW_READ_S": "0.02"})
+    deadline = time.time() + TIMEOUT_S
+    while not ((run / "metrics.jsonl").exists() and len(_metric_steps(run)) >= 2):
+        assert time.time() < deadline and all(p.poll() is None for p, _ in procs), _tails(procs)
+        time.sleep(0.05)
+    t_signal = time.time()
+    procs[1][0].send_signal(signal.SIGTERM)  # process 1 only
+    _wait(procs, expect_rc=143)
+    took = time.time() - t_signal
+    saved = [int(re.search(r"preempted, saved step (\d+)", (run.parent / f"{run.name}.p{p}.log")
+                           .read_text()).group(1)) for p in (0, 1)]
+    assert saved[0] == saved[1] < STEPS, saved
+    assert (run / "checkpoints" / str(saved[0])).is_dir()
+    print(f"SIGTERM to process 1: both processes saved step {saved[0]} and exited 143 "
+          f"in {took:.1f} s")
+    _wait(_launch(run, processes=2), ref_procs)
+    assert f"resumed from {run / 'checkpoints'}/{saved[0]}" in (
+        run.parent / f"{run.name}.p0.log").read_text()
+    _assert_bitwise(_final(run), _final(reference), "preempted and resumed vs uninterrupted")

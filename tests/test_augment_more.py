@@ -1,5 +1,6 @@
 """Colour jitter against PIL's ImageEnhance on real photographs, random resized crop, PCA
 lighting statistics, mixup/cutmix labels, and host pipeline == device for the same seed."""
+import functools
 from pathlib import Path
 
 import jax
@@ -148,6 +149,100 @@ def test_random_resized_crop_is_pil_resize_of_the_box():
             crop = Image.fromarray(x[i, top:top + h, left:left + w, c], "F")
             ref = np.asarray(crop.resize((9, 9), Image.BILINEAR))
             np.testing.assert_allclose(out[i, :, :, c], ref, atol=2e-6)
+
+
+def whole_image_weights(in_size: int, out_size: int, start, length) -> jax.Array:
+    """The straightforward form (crop_resize's before it visited only its taps): a weight for
+    every input pixel of the axis, [out_size, in_size], zero outside the window, the antialiased
+    triangle renormalised inside it. The same float32 formula, so only the order of the sums
+    differs from crop_resize's."""
+    length_f = jnp.asarray(length, jnp.float32)
+    step = length_f / out_size
+    sample = (jnp.arange(out_size, dtype=jnp.float32)[:, None] + 0.5) * step - 0.5
+    pos = (jnp.arange(in_size)[None, :] - start).astype(jnp.float32)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample - pos) / jnp.maximum(step, 1.0))
+    weights = jnp.where((pos >= 0) & (pos < length_f), weights, 0.0)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def whole_image_crop_resize(images, boxes, size):
+    """Each box resized by two whole-image weight matrices (the old crop_resize)."""
+    _, h, w, _ = images.shape
+    hp = jax.lax.Precision.HIGHEST  # plain float32 products
+
+    def one(image, box):
+        wy = whole_image_weights(h, size[0], box[0], box[2])
+        wx = whole_image_weights(w, size[1], box[1], box[3])
+        x = jnp.einsum("oh,hwc->owc", wy, image.astype(jnp.float32), precision=hp)
+        return jnp.einsum("pw,owc->opc", wx, x, precision=hp)
+
+    return jax.vmap(one)(images, boxes)
+
+
+def every_window(size: int) -> list[tuple[int, int]]:
+    """Every (start, length) window of an axis: all touch an edge or not, lengths 1 to size."""
+    return [(start, length) for length in range(1, size + 1)
+            for start in range(size - length + 1)]
+
+
+# (image height, width, output size): shrinking by up to 2.2x (taps at their widest, as at
+# ImageNet's 375x500 -> 224), enlarging, and a non-square output.
+RESIZE_CASES = [(20, 14, (9, 9)), (6, 5, (13, 11)), (17, 44, (8, 20))]
+
+
+@pytest.mark.parametrize("h, w, size", RESIZE_CASES)
+def test_crop_resize_equals_whole_image_resize_for_every_window(h, w, size):
+    # Every vertical window of the image once, each paired with a horizontal window; the
+    # horizontal windows cycle through all of theirs (the resize is separable, so every window
+    # of each axis is checked), in a shuffled order. Includes the 1-pixel boxes, the whole image
+    # and every box touching an edge: the taps are clamped there.
+    rng = np.random.default_rng(2)
+    rows, cols = every_window(h), every_window(w)
+    n = max(len(rows), len(cols))
+    rows = [rows[i] for i in rng.permutation(n) % len(rows)]
+    cols = [cols[i] for i in rng.permutation(n) % len(cols)]
+    boxes = np.array([(top, left, bh, bw) for (top, bh), (left, bw) in zip(rows, cols)],
+                     np.int32)
+    images = rng.random((n, h, w, 3)).astype(np.float32)
+    got = jax.jit(augment.crop_resize, static_argnames="size")(images, boxes, size=size)
+    assert got.shape == (n, *size, 3) and got.dtype == jnp.float32
+    # Only the summation order differs: a few float32 ulps on values in [0, 1] (a lost tap or a
+    # shifted window would cost ~1e-2).
+    np.testing.assert_allclose(got, whole_image_crop_resize(images, boxes, size), atol=1e-6)
+
+    # The taps cover exactly the pixels that the whole-image form weights, for every window of
+    # both axes: none lost at the filter's edges (float rounding) or at the image's.
+    for in_size, out_size in ((h, size[0]), (w, size[1])):
+        def dense_taps(start, length, in_size=in_size, out_size=out_size):
+            index, weight = augment._bilinear_taps(in_size, out_size, start, length)
+            rows = jnp.arange(out_size)[:, None]  # [out, 1] against index [out, taps]
+            return jnp.zeros((out_size, in_size)).at[rows, index].add(weight)
+
+        start, length = np.array(every_window(in_size)).T
+        taps = np.asarray(jax.jit(jax.vmap(dense_taps))(start, length))
+        whole = np.asarray(jax.jit(jax.vmap(
+            functools.partial(whole_image_weights, in_size, out_size)))(start, length))
+        np.testing.assert_array_equal(taps != 0, whole != 0)
+        np.testing.assert_allclose(taps, whole, rtol=3e-7, atol=0)
+
+
+def test_crop_resize_of_uint8_at_imagenet_ratio_and_under_vmap():
+    # uint8 [0, 255] in (converted after the gather), 375x500 -> 224's shrink factors at a 5x
+    # smaller scale (75x100 -> 45), random boxes and boxes against each edge.
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 10, 75, 100, 3), dtype=np.uint8)  # two batches of 10
+    boxes = np.array(crop_boxes(jax.random.PRNGKey(4), batch=20, height=75, width=100))
+    boxes[:4] = [(0, 0, 30, 40), (45, 60, 30, 40), (0, 60, 75, 40), (45, 0, 30, 100)]
+    boxes = boxes.reshape(2, 10, 4)
+    # vmap over the two batches, each with its own boxes (10 images: a loop iteration of 8 and
+    # a remainder of 2 inside crop_resize).
+    both = jax.jit(jax.vmap(lambda x, b: augment.crop_resize(x, b, size=45)))(images, boxes)
+    for i in range(2):
+        want = whole_image_crop_resize(images[i], boxes[i], (45, 45))
+        np.testing.assert_allclose(both[i], want, rtol=0, atol=255 * 1e-6)
+    with pytest.raises(ValueError, match=r"crop_resize: boxes must be \[B, 4\]"):
+        augment.crop_resize(images[0], boxes[0, :5], size=45)
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (50, 20)])

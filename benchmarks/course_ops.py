@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import markdown
 from jaxvision import conv, knn
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "course_ops.md"
@@ -294,19 +295,12 @@ def report(args, knn_table, cifar, conv_table, load_before, seconds) -> str:
 
 
 def write_section(path: pathlib.Path, key: str, text: str) -> None:
-    """Puts `text` between this key's markers in `path`, replacing that section only."""
-    begin, end = f"<!-- course_ops: {key} -->", f"<!-- /course_ops: {key} -->"
-    block = f"{begin}\n{text}{end}\n"
-    title = ("# Course operations: timings\n\n"
-             "Made by `python -m benchmarks.course_ops` (see its docstring for what is timed "
-             "and how). One section per device; a rerun replaces its own section.\n\n")
-    old = path.read_text() if path.exists() else title
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    """Puts `text` in this key's section of `path` (`benchmarks.markdown`)."""
+    markdown.write_section(path, tag="course_ops", key=key, text=text,
+                           title="# Course operations: timings\n\n"
+                           "Made by `python -m benchmarks.course_ops` (see its docstring for what "
+                           "is timed and how). One section per device; a rerun replaces its own "
+                           "section.\n\n")
 
 
 def parse_args(argv):

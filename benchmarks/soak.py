@@ -41,6 +41,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import markdown
 from jaxvision import loop, losses, optim, train
 from jaxvision.nets.convnet import ConvNet
 from jaxvision.pipelines import augment, sources
@@ -311,19 +312,12 @@ def report(args, result, load_before, load_after, seconds) -> str:
 
 
 def write_section(path: pathlib.Path, key: str, text: str) -> None:
-    """Puts `text` between this key's markers in `path`, replacing that section only."""
-    begin, end = f"<!-- soak: {key} -->", f"<!-- /soak: {key} -->"
-    block = f"{begin}\n{text}{end}\n"
-    title = ("# Soak run of the host pipeline\n\n"
-             "Made by `python -m benchmarks.soak` (see its docstring for what is measured and "
-             "how). One section per device; a rerun replaces its own section.\n\n")
-    old = path.read_text() if path.exists() else title
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    """Puts `text` in this key's section of `path` (`benchmarks.markdown`)."""
+    markdown.write_section(path, tag="soak", key=key, text=text,
+                           title="# Soak run of the host pipeline\n\n"
+                           "Made by `python -m benchmarks.soak` (see its docstring for what is "
+                           "measured and how). One section per device; a rerun replaces its own "
+                           "section.\n\n")
 
 
 def parse_args(argv):

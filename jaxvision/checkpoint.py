@@ -459,17 +459,8 @@ def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
+    """'params.conv_0_0.kernel': dict keys, attribute names and indices joined by dots."""
+    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def load_latest(directory: str) -> tuple[int, Any, dict[str, Any]]:

@@ -55,17 +55,7 @@ Rules = Sequence[tuple[str, str]]
 
 def key_path(path: tuple) -> str:
     """'/'-joined names of a `jax.tree_util` key path: dict keys, attribute names, indices."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:  # FlattenedIndexKey and future kinds
-            parts.append(str(getattr(k, "key", k)))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def leaf_paths(params: PyTree) -> list[str]:

@@ -9,11 +9,18 @@ def write_section(path: pathlib.Path, *, tag: str, key: str, text: str, title: s
     replacing that section only (a rerun on the same device replaces its own figures and keeps
     the others'). A new file starts with `title`; a new section goes at the end."""
     begin, end = f"<!-- {tag}: {key} -->", f"<!-- /{tag}: {key} -->"
-    block = f"{begin}\n{text}{end}\n"
     old = path.read_text() if path.exists() else title
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
+    new = put_section(old, begin, end, f"{begin}\n{text}{end}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+def put_section(doc: str, begin: str, end: str, block: str, *, before: str | None = None) -> str:
+    """`doc` with the section from `begin` to `end` replaced by `block`; a new section goes at
+    the end, or just before the first occurrence of `before` if given and present."""
+    if begin in doc and end in doc:
+        return doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end) + 1:]
+    if before is not None and before in doc:
+        i = doc.index(before)
+        return doc[:i] + block + "\n" + doc[i:]
+    return doc.rstrip("\n") + "\n\n" + block

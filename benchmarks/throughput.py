@@ -83,6 +83,8 @@ import time
 
 import numpy as np
 
+from benchmarks import markdown
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULT_MARK = "@@throughput-result@@ "
@@ -888,13 +890,9 @@ def write_section(path: pathlib.Path, key: str, text: str) -> None:
 
 def _put(doc: str, key: str, text: str, first: bool = False) -> str:
     begin, end = _marker(key)
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    if begin in doc and end in doc:
-        return doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end) + 1:]
-    if first and "<!-- benchmarks:" in doc:  # right after the title, before every section
-        i = doc.index("<!-- benchmarks:")
-        return doc[:i] + block + "\n" + doc[i:]
-    return doc.rstrip("\n") + "\n\n" + block
+    # first: right after the title, before every section
+    return markdown.put_section(doc, begin, end, f"{begin}\n{text.rstrip()}\n{end}\n",
+                                before="<!-- benchmarks:" if first else None)
 
 
 def section_keys(doc: str) -> list[list[str]]:

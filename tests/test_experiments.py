@@ -145,3 +145,27 @@ def test_a_whole_run_never_imports_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "no tf" in out.stdout, out.stderr[-2000:]
+
+
+# What the project's GPU host lacks (.library/device/KINDS.md: no tensorflow, tensorflow-datasets,
+# grain or tensorboardX there; ml_collections is carried as a wheel). The GPU commands must run
+# with them unimportable, or the first device call of a session would be spent on an ImportError.
+ABSENT_ON_THE_GPU_HOST = ("tensorflow", "tensorflow_datasets", "grain", "tensorboardX")
+
+
+@pytest.mark.parametrize("module", ["cifar10_speedrun", "quickstart"])
+def test_gpu_host_commands_run_without_the_packages_it_lacks(module, tmp_path):
+    blocked = tmp_path / "absent"
+    for name in ABSENT_ON_THE_GPU_HOST:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(
+            f'raise ImportError("{name} is absent on the GPU host (blocked by the test)")\n')
+    env = dict(os.environ, JAXVISION_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(blocked), str(ROOT),
+                                           os.environ.get("PYTHONPATH", "")]))
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--smoke",
+                          f"--config.workdir={workdir}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((workdir / "summary.json").read_text())

@@ -116,7 +116,13 @@ def main(argv=None):
         if res["returncode"] != 0:
             print(f"{what} failed; its last lines:\n" + "\n".join(res["tail"]), file=sys.stderr)
     if args.write:
-        setting = "subset" if args.tests else "full"
+        # One section per kind of run, so a quickstart-only or subset run never replaces the
+        # whole suite's figure.
+        if args.no_tests:
+            setting = "quickstart only"
+        else:
+            setting = ("subset" if args.tests else "full") + (
+                " tests only" if args.no_quickstart else "")
         throughput.write_section(
             args.write, throughput.section_key("suite_time", "cpu", device, setting), text)
         print(f"wrote {args.write}")

@@ -1,6 +1,6 @@
 """Wall time of the test suite and of the quickstart on this CPU (issue 6, section 4).
 
-    python -m benchmarks.suite_time --write docs/benchmarks.md     # ~8.5 min on 2 cores
+    python -m benchmarks.suite_time --write docs/benchmarks.md     # ~10.5 min on 2 cores
     python -m benchmarks.suite_time --tests tests/test_losses.py --no-quickstart   # a subset
 
 Runs, from the repository root and with the interpreter that runs this script, each command

@@ -34,7 +34,7 @@ Measured on the 2-core CPU (jax 0.10.2, float32; the cores shared with other job
     on a net of widths (32, 64, 64), 15% of the default net's FLOPs (31 against 204 MFLOP a
     forward image, XLA's count), to show that the full recipe trains end to end (2026-11-24):
     86.03% test accuracy (TTA level 2, 10,000 images) in 2,155 s, the cores shared with test
-    runs for about a third of it:
+    runs for about a quarter of it:
         python -m experiments.cifar10_speedrun --config.runs=1 --config.warmup=false \
           --config.compute_dtype=float32 --config.widths='(32, 64, 64)' --config.epoch_loop=python
     The same with `--config.optimizer=muon` (its untuned defaults): 85.94% in 1,538 s, on the

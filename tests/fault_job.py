@@ -61,25 +61,13 @@ import numpy as np  # noqa: E402
 
 from jaxvision import loop, losses, optim, train  # noqa: E402
 from jaxvision.nets.convnet import ConvNet  # noqa: E402
-from jaxvision.pipelines import augment, sources  # noqa: E402
 from jaxvision.pipelines.loader import DeviceLoader  # noqa: E402
 from jaxvision import sharding as shd  # noqa: E402
 from jaxvision.sharding import make_mesh  # noqa: E402
+from tiny_task import preprocess, tiny_source  # noqa: E402
 
 SEED = 0
 MODEL = ConvNet(widths=(8, 16), num_classes=4, dense_width=16, dropout=0.25)
-
-
-def tiny_source(n: int = 40) -> sources.ArraySource:
-    rng = np.random.default_rng(SEED)
-    labels = rng.integers(0, 4, n)
-    images = np.clip(rng.normal(60 * labels[:, None, None, None], 20, (n, 8, 8, 3)), 0, 255)
-    return sources.ArraySource(images.astype(np.uint8), labels, num_classes=4, name="tiny")
-
-
-def preprocess(images, *, key, train):
-    x = augment.normalize(images, mean=0.5, std=0.25)
-    return augment.random_flip(x, key=key) if train else x
 
 
 def _optimizer(steps: int):

@@ -29,9 +29,10 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from jaxvision import loop, losses, optim, train  # noqa: E402
 from jaxvision.nets.convnet import ConvNet  # noqa: E402
-from jaxvision.pipelines import augment, sources  # noqa: E402
+from jaxvision.pipelines import sources  # noqa: E402
 from jaxvision.pipelines.loader import HostLoader  # noqa: E402
 from jaxvision.sharding import make_mesh  # noqa: E402
+from tiny_task import preprocess  # noqa: E402
 
 BATCH = 16  # global batch
 SLOW_READ_S = float(os.environ.get("MULTIHOST_JOB_SLOW_READ_S", "0"))
@@ -74,15 +75,9 @@ def main(workdir: str, steps: int) -> None:
     schedule = optim.make_schedule(kind="constant", lr=0.05, steps=steps)
     tx = optim.make_optimizer(name="momentum", learning_rate=schedule, weight_decay=1e-4)
 
-    def preprocess(images, *, key, train):
-        x = augment.normalize(images, mean=0.5, std=0.25)
-        return augment.random_flip(x, key=key) if train else x
-
-    def loss_fn(*, logits, labels):
-        return losses.softmax_cross_entropy(logits=logits, labels=labels)
-
     step = train.make_classifier_step(model=model, tx=tx, schedule=schedule,
-                                      preprocess=preprocess, loss_fn=loss_fn)
+                                      preprocess=preprocess,
+                                      loss_fn=losses.softmax_cross_entropy)
     state = train.create_train_state(model=model, tx=tx, seed=0, input_shape=(8, 8, 3),
                                      mesh=mesh, fsdp=True)
     t_state = time.time() - T0 - t_init

@@ -21,9 +21,10 @@ from PIL import Image
 
 from jaxvision import loop, losses, optim, train
 from jaxvision.nets.convnet import ConvNet
-from jaxvision.pipelines import augment, sources
+from jaxvision.pipelines import sources
 from jaxvision.pipelines.loader import HostLoader
 from jaxvision.sharding import make_mesh
+from tiny_task import preprocess
 
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.xz"
 pytestmark = pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason=f"{CIFAR_ARCHIVE} is absent")
@@ -134,15 +135,9 @@ def _pieces(num_classes):
     schedule = optim.make_schedule(kind="constant", lr=0.05, steps=100)
     tx = optim.make_optimizer(name="momentum", learning_rate=schedule)
 
-    def preprocess(images, *, key, train):
-        x = augment.normalize(images, mean=0.5, std=0.25)
-        return augment.random_flip(x, key=key) if train else x
-
-    def loss_fn(*, logits, labels):
-        return losses.softmax_cross_entropy(logits=logits, labels=labels)
-
     step = train.make_classifier_step(model=model, tx=tx, schedule=schedule,
-                                      preprocess=preprocess, loss_fn=loss_fn)
+                                      preprocess=preprocess,
+                                      loss_fn=losses.softmax_cross_entropy)
     return model, tx, step
 
 

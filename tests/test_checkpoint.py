@@ -14,7 +14,8 @@ from jaxvision.checkpoint import Checkpointer
 from jaxvision.nets.convnet import ConvNet
 from jaxvision.pipelines.loader import DeviceLoader
 from jaxvision.sharding import make_mesh
-from test_train import MODEL, pieces, tiny_source
+from test_train import MODEL, pieces
+from tiny_task import tiny_source
 
 
 def fresh_state(mesh=None, model=MODEL):

@@ -39,7 +39,8 @@ from jaxvision.checkpoint import (Checkpointer, DamagedCheckpointError, NonFinit
 from jaxvision.pipelines.loader import DeviceLoader
 from jaxvision.sharding import make_mesh
 from test_checkpoint import Interrupt, InterruptingLoader
-from test_train import MODEL, pieces, tiny_source
+from test_train import MODEL, pieces
+from tiny_task import tiny_source
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = Path(__file__).resolve().parent / "fault_job.py"

@@ -11,24 +11,11 @@ import pytest
 from jaxvision import loop, losses, optim, train
 from jaxvision.checkpoint import Checkpointer, NonFiniteError
 from jaxvision.nets.convnet import ConvNet
-from jaxvision.pipelines import augment, sources
 from jaxvision.pipelines.loader import DeviceLoader
 from jaxvision.sharding import make_mesh
+from tiny_task import preprocess, tiny_source
 
 MODEL = ConvNet(widths=(8, 16), num_classes=4)
-
-
-def tiny_source(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    # Learnable: the class sets the mean brightness.
-    images = np.clip(rng.normal(60 * labels[:, None, None, None], 20, (n, 8, 8, 3)), 0, 255)
-    return sources.ArraySource(images.astype(np.uint8), labels, num_classes=4, name="tiny")
-
-
-def preprocess(images, *, key, train):
-    x = augment.normalize(images, mean=0.5, std=0.25)
-    return augment.random_flip(x, key=key) if train else x
 
 
 def pieces(lr=0.1, schedule=None):

@@ -335,9 +335,7 @@ def image_folder(path: str | os.PathLike, split: str, *, on_bad: str = "raise",
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {list(ON_BAD)}, got {on_bad!r}")
     _check_max_per_class(max_per_class)
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"image folder or archive not found: {path}")
+    path = _existing_folder_or_archive(path)
     if path.is_dir():
         files = _list_directory(path, split, max_per_class)
         content = _directory_fingerprint(files)
@@ -358,6 +356,13 @@ def image_folder(path: str | os.PathLike, split: str, *, on_bad: str = "raise",
         _warn_skipped(f"{path.name}:{split}", decoded.skipped, len(decoded.labels))
     return ArraySource(decoded.images, decoded.labels, class_names=decoded.class_names,
                        name=f"{path.name}:{split}", skipped=decoded.skipped)
+
+
+def _existing_folder_or_archive(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"image folder or archive not found: {path}")
+    return path
 
 
 def _check_max_per_class(max_per_class: int | None) -> None:
@@ -621,9 +626,7 @@ def image_files(path: str | os.PathLike, split: str, *, max_per_class: int | Non
       cannot set it, as in `image_folder`.
     """
     _check_max_per_class(max_per_class)
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"image folder or archive not found: {path}")
+    path = _existing_folder_or_archive(path)
     if path.is_dir():
         files = _list_directory(path, split, max_per_class)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):

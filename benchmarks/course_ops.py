@@ -297,10 +297,8 @@ def report(args, knn_table, cifar, conv_table, load_before, seconds) -> str:
 def write_section(path: pathlib.Path, key: str, text: str) -> None:
     """Puts `text` in this key's section of `path` (`benchmarks.markdown`)."""
     markdown.write_section(path, tag="course_ops", key=key, text=text,
-                           title="# Course operations: timings\n\n"
-                           "Made by `python -m benchmarks.course_ops` (see its docstring for what "
-                           "is timed and how). One section per device; a rerun replaces its own "
-                           "section.\n\n")
+                           title=markdown.doc_title("Course operations: timings", "course_ops",
+                                                    what="timed"))
 
 
 def parse_args(argv):

@@ -15,6 +15,12 @@ def write_section(path: pathlib.Path, *, tag: str, key: str, text: str, title: s
     path.write_text(new)
 
 
+def doc_title(heading: str, module: str, *, what: str = "measured") -> str:
+    """The opening of a generated doc: its heading and which script writes it."""
+    return (f"# {heading}\n\nMade by `python -m benchmarks.{module}` (see its docstring for what "
+            f"is {what} and how). One section per device; a rerun replaces its own section.\n\n")
+
+
 def put_section(doc: str, begin: str, end: str, block: str, *, before: str | None = None) -> str:
     """`doc` with the section from `begin` to `end` replaced by `block`; a new section goes at
     the end, or just before the first occurrence of `before` if given and present."""

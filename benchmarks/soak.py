@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import os
 import pathlib
 import platform
@@ -243,12 +242,9 @@ def _device_name() -> str:
 
 
 def _versions() -> str:
-    out = []
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "pillow"):
-        try:
-            out.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = loop.package_versions(
+        ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "pillow"))
+    out = [f"{pkg} {v}" for pkg, v in versions.items() if v is not None]
     return ", ".join(out) + f", Python {platform.python_version()}"
 
 
@@ -314,10 +310,7 @@ def report(args, result, load_before, load_after, seconds) -> str:
 def write_section(path: pathlib.Path, key: str, text: str) -> None:
     """Puts `text` in this key's section of `path` (`benchmarks.markdown`)."""
     markdown.write_section(path, tag="soak", key=key, text=text,
-                           title="# Soak run of the host pipeline\n\n"
-                           "Made by `python -m benchmarks.soak` (see its docstring for what is "
-                           "measured and how). One section per device; a rerun replaces its own "
-                           "section.\n\n")
+                           title=markdown.doc_title("Soak run of the host pipeline", "soak"))
 
 
 def parse_args(argv):

@@ -68,7 +68,6 @@ import argparse
 import collections
 import datetime
 import importlib
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -179,13 +178,10 @@ def _jax_model(row_id: str, small: bool):
 def _jax_env() -> dict:
     import jax
 
+    from jaxvision.loop import package_versions
+
     dev = jax.devices()[0]
-    versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(("jax", "jaxlib", "flax", "optax", "numpy"))
     return {"platform": dev.platform, "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "versions": versions}
 

@@ -91,7 +91,6 @@ Smoke setting (run by the tests): `python -m experiments.cifar10_speedrun --smok
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -107,7 +106,7 @@ import optax
 
 from jaxvision import config as config_lib
 from jaxvision import epoch as epoch_lib
-from jaxvision import losses, optim
+from jaxvision import loop, losses, optim
 from jaxvision.nets.airbench import AirbenchNet, pytorch_default_init, whitening_kernel_jax
 from jaxvision.pipelines import augment, sources
 
@@ -506,16 +505,6 @@ def summarize_runs(accuracies, times) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
-    out = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def _check(config: ml_collections.ConfigDict) -> None:
     config_lib.check_choice(config, "compute_dtype", ("float32", "bfloat16"))
     config_lib.check_choice(config, "tta_level", (0, 1, 2))
@@ -633,7 +622,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
         "train_images": n_train,
         "last_run_final_epoch_train": {k: float(np.mean(v)) for k, v in last_epoch.items()},
         "device": {"kind": device.device_kind, "platform": device.platform, "str": str(device)},
-        "versions": _versions(),
+        "versions": loop.package_versions(("jax", "jaxlib", "flax", "optax", "numpy")),
     }
     from jaxvision.loop import run_info  # git commit, versions, devices (after the timed runs)
 

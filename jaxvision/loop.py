@@ -389,6 +389,17 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def package_versions(names) -> dict[str, str | None]:
+    """The installed version of each distribution in `names`; None where it is not installed."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def run_info() -> dict[str, Any]:
     """What a run needs to be reproduced: git commit, package versions, devices."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -400,13 +411,8 @@ def run_info() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
-                "tensorflow-datasets", "jaxvision"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
+                                 "numpy", "tensorflow-datasets", "jaxvision"))
     versions["python"] = platform.python_version()
     status = git("status", "--porcelain")
     return {

@@ -39,7 +39,6 @@ import datetime
 import functools
 import os
 import pathlib
-import platform
 import resource
 import sys
 import time
@@ -236,21 +235,6 @@ def conv_rows(args, rng):
 # ------------------------------------------------------------------------------------ output
 
 
-def _device_name() -> str:
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        return f"{dev.device_kind} ({dev.platform}, {jax.device_count()} device(s))"
-    model = platform.processor() or "CPU"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {model}, {os.cpu_count()} cores visible"
-
-
 def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -261,7 +245,7 @@ def report(args, knn_table, cifar, conv_table, load_before, seconds) -> str:
     load_after = os.getloadavg()
     mode = "--quick" if args.quick else "full"
     head = [
-        f"### {_device_name()} ({mode})",
+        f"### {markdown.device_name()} ({mode})",
         "",
         f"`python -m benchmarks.course_ops{' --quick' if args.quick else ''}` on "
         f"{datetime.date.today().isoformat()}, jax {jax.__version__}, numpy {np.__version__}; "
@@ -329,14 +313,14 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     load_before, start = os.getloadavg(), time.perf_counter()
     rng = np.random.default_rng(0)
-    print(f"device: {_device_name()}, jax {jax.__version__}", flush=True)
+    print(f"device: {markdown.device_name()}, jax {jax.__version__}", flush=True)
     knn_table = knn_rows(args, rng)
     conv_table = conv_rows(args, rng)
     # Last, so that the process's peak memory is this problem's.
     cifar = cifar_row(args, rng)
     text = report(args, knn_table, cifar, conv_table, load_before, time.perf_counter() - start)
     print(text)
-    key = f"{_device_name()} {'quick' if args.quick else 'full'}"
+    key = f"{markdown.device_name()} {'quick' if args.quick else 'full'}"
     write_section(args.out, key, text)
     print(f"wrote {args.out}")
 

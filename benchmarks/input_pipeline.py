@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 
-from benchmarks import throughput
+from benchmarks import markdown, throughput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 JPEG_SIZE = (500, 375)  # (width, height): the most common ImageNet image size
@@ -259,7 +259,7 @@ def report(results: list[dict], args, jpegs: str, seconds: float) -> str:
         lines.append("| " + " | ".join([r["method"], DESCRIPTIONS[r["method"]].format(
             size=args.size), f"{args.workers} {args.backend}es" if args.backend == "process"
             else f"{args.workers} threads", str(args.batch), img, per, verdict]) + " |")
-    device = f"CPU: {throughput._cpu_model()}, {os.cpu_count()} cores visible"
+    device = markdown.cpu_name()
     import jax
     import PIL
 
@@ -347,7 +347,7 @@ def main(argv=None):
     print(text)
     if args.write:
         setting = ("small" if args.small else "full") + f" {args.workers} {args.backend}"
-        device = f"CPU: {throughput._cpu_model()}, {os.cpu_count()} cores visible"
+        device = markdown.cpu_name()
         # Keyed "gpu-host" on a machine with a GPU attached? The pipeline is CPU work either
         # way; the key says how many cores it had.
         key = throughput.section_key("input_pipeline", _host_kind(), device, setting)

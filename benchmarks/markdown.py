@@ -1,7 +1,9 @@
 """Generated markdown: each benchmark run owns one marked section of a docs file."""
 from __future__ import annotations
 
+import os
 import pathlib
+import platform
 
 
 def write_section(path: pathlib.Path, *, tag: str, key: str, text: str, title: str) -> None:
@@ -30,3 +32,26 @@ def put_section(doc: str, begin: str, end: str, block: str, *, before: str | Non
         i = doc.index(before)
         return doc[:i] + block + "\n" + doc[i:]
     return doc.rstrip("\n") + "\n\n" + block
+
+
+def cpu_name() -> str:
+    """This machine's processor as the docs name it: "CPU: MODEL, N cores visible"."""
+    model = platform.processor() or "CPU"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores visible"
+
+
+def device_name() -> str:
+    """jax's first device as the docs name it: an accelerator by its kind, a CPU by `cpu_name`."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return f"{dev.device_kind} ({dev.platform}, {jax.device_count()} device(s))"
+    return cpu_name()

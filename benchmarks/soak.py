@@ -226,21 +226,6 @@ def verdict(rows) -> list[str]:
 # ------------------------------------------------------------------------------------ output
 
 
-def _device_name() -> str:
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        return f"{dev.device_kind} ({dev.platform}, {jax.device_count()} device(s))"
-    model = platform.processor() or "CPU"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {model}, {os.cpu_count()} cores visible"
-
-
 def _versions() -> str:
     versions = loop.package_versions(
         ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "pillow"))
@@ -272,7 +257,7 @@ def report(args, result, load_before, load_after, seconds) -> str:
     command = "python -m benchmarks.soak" + _options(sys.argv[1:])
     subset = f" (--max-per-class {args.max_per_class})" if args.max_per_class else ""
     head = [
-        f"### {_device_name()}{subset}",
+        f"### {markdown.device_name()}{subset}",
         "",
         f"`{command}` on {datetime.date.today().isoformat()}; {_versions()}.",
         f"Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after "
@@ -334,11 +319,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     load_before, start = os.getloadavg(), time.perf_counter()
-    print(f"device: {_device_name()}; {_versions()}", flush=True)
+    print(f"device: {markdown.device_name()}; {_versions()}", flush=True)
     result = run(args)
     text = report(args, result, load_before, os.getloadavg(), time.perf_counter() - start)
     print(text)
-    write_section(args.out, _device_name() + (" quick" if args.max_per_class else ""), text)
+    write_section(args.out, markdown.device_name() + (" quick" if args.max_per_class else ""), text)
     print(f"wrote {args.out}")
 
 

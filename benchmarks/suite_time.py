@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import throughput
+from benchmarks import markdown, throughput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def main(argv=None):
                      res, quickstart_outcome(res["tail"])))
     load_after = os.getloadavg()[0]
 
-    device = f"CPU: {throughput._cpu_model()}, {os.cpu_count()} cores visible"
+    device = markdown.cpu_name()
     table = ["| what | command | wall time | outcome |", "| --- | --- | --- | --- |"]
     for what, shown, res, outcome in rows:
         status = "" if res["returncode"] == 0 else f" (exit code {res['returncode']})"

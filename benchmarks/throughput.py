@@ -71,7 +71,6 @@ import importlib
 import json
 import os
 import pathlib
-import platform
 import re
 import shutil
 import subprocess
@@ -755,7 +754,7 @@ def device_line(run: dict) -> tuple[str, str, str]:
     env = run.get("jax", {}).get("env", {})
     plat = env.get("platform", "unknown")
     if plat == "cpu":
-        device = f"CPU: {_cpu_model()}, {os.cpu_count()} cores visible"
+        device = markdown.cpu_name()
     else:
         device = f"{env.get('device_kind', 'unknown device')} ({plat})"
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
@@ -769,16 +768,6 @@ def device_line(run: dict) -> tuple[str, str, str]:
     elif "torch" not in run:
         versions += "; PyTorch side not run (--no-torch)"
     return plat, device, versions
-
-
-def _cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def report(run: dict, args) -> str:
